@@ -1,0 +1,55 @@
+"""The embedded default: tiny two-tower model on the Glyphs dataset, sized for 2 CPU cores.
+
+    fszjax pretrain --config configs/glyphs.py --workdir runs/glyphs
+    fszjax bench pretrain --config configs/glyphs.py --config.mesh.data=2 \
+        --config.mesh.fsdp=2 --config.mesh.tensor=2
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.name = "glyphs"
+  c.seed = 0
+
+  # ---- model: ViT image tower + Transformer text tower.
+  c.model = ml_collections.ConfigDict()
+  c.model.embed_dim = 64
+  c.model.dtype = "float32"  # compute dtype (bfloat16 on accelerators)
+  c.model.param_dtype = "float32"
+  c.model.attn_impl = ""  # "" = JAX's choice, "xla", "cudnn"
+  c.model.scan_layers = False
+  c.model.remat = "none"  # none | full | dots | dots_no_batch
+  c.model.logit_scale_init = 10.0
+  c.model.logit_scale_max = 100.0
+  c.model.logit_bias = True
+  c.model.logit_bias_init = -10.0
+  c.model.image = ml_collections.ConfigDict(dict(
+      variant="mu", width=96, depth=3, mlp_dim=384, num_heads=4, patch_size=4,
+      image_size=32, channels=1, pool="map", posemb="learn", ln_pre=False,
+      final_ln_after_pool=False, patch_bias=True, proj=True, proj_bias=False, act="gelu",
+      ln_eps=1e-6))
+  c.model.text = ml_collections.ConfigDict(dict(
+      variant="mu", width=96, depth=3, mlp_dim=384, num_heads=4, vocab_size=1024, max_len=16,
+      pool="eot", causal=True, proj=True, proj_bias=False, act="gelu", ln_eps=1e-6, pad_id=0))
+
+  # ---- loss and sharding.
+  c.loss = "siglip"  # siglip | clip
+  c.loss_chunked = True
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = [
+      ["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["mlp", "tensor"], ["heads", "tensor"],
+      ["kv", None], ["vocab", None], ["layers", None], ["norm", None], ["seq", None],
+      ["patch", None], ["proj", None], ["act_seq", None], ["act_embed", None],
+      ["act_mlp", "tensor"], ["act_heads", "tensor"], ["act_kv", None]]
+
+  # ---- optimisation.
+  c.batch_size = 256  # global
+  c.grad_accum = 1
+  c.total_steps = 1500
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3, wd=1e-4, b1=0.9, b2=0.95, eps=1e-8, warmup_steps=100, schedule="cosine",
+      min_lr_ratio=0.0, clip_norm=1.0, freeze=[]))
+  return c

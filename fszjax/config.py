@@ -1,0 +1,176 @@
+"""Configs: ml_collections `get_config()` files, `--config.key=value` overrides, validation.
+
+    config = load_config("configs/glyphs.py", ["--config.loss=clip", "--config.mesh.data=2"])
+
+A config file may take an argument: ``configs/foo.py:arg`` calls ``get_config("arg")``.
+Unknown keys give a one-line error with the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+from typing import Iterable, Sequence
+
+import ml_collections
+
+PREFIX = "--config."
+
+
+class ConfigError(ValueError):
+  """A config file or override is wrong; the message names the fix."""
+
+
+def _flat_keys(cfg, prefix=""):
+  out = []
+  for k, v in cfg.items():
+    key = f"{prefix}{k}"
+    out.append(key)
+    if isinstance(v, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+      out.extend(_flat_keys(v, key + "."))
+  return out
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path!r} not found; pass e.g. --config configs/glyphs.py")
+  mod_spec = importlib.util.spec_from_file_location(
+      "fszjax_config_" + os.path.basename(path).removesuffix(".py"), path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config() function")
+  cfg = module.get_config(arg) if arg else module.get_config()
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    cfg = ml_collections.ConfigDict(cfg)
+  return cfg
+
+
+def _parse_value(raw: str, current):
+  if isinstance(current, bool):
+    low = raw.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"expected true/false, got {raw!r}")
+  if isinstance(current, int) and not isinstance(current, bool):
+    try:
+      return int(raw)
+    except ValueError:
+      raise ConfigError(f"expected an integer, got {raw!r}") from None
+  if isinstance(current, float):
+    try:
+      return float(raw)
+    except ValueError:
+      raise ConfigError(f"expected a number, got {raw!r}") from None
+  if isinstance(current, str):
+    return raw
+  if raw.lower() == "none":
+    return None
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw
+
+
+def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
+  parts = key.split(".")
+  node = cfg
+  for i, part in enumerate(parts):
+    valid = list(node.keys())
+    if part not in valid:
+      full = ".".join(parts[: i + 1])
+      close = difflib.get_close_matches(key, _flat_keys(cfg), n=3, cutoff=0.5)
+      hint = f"; did you mean {', '.join('config.' + c for c in close)}?" if close else ""
+      raise ConfigError(f"unknown config key config.{full}{hint}")
+    if i < len(parts) - 1:
+      node = node[part]
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ConfigError(f"config.{'.'.join(parts[:i + 1])} is not a group of keys")
+  leaf = parts[-1]
+  current = node[leaf]
+  if isinstance(current, ml_collections.ConfigDict):
+    try:
+      value = json.loads(raw)
+    except json.JSONDecodeError:
+      raise ConfigError(f"config.{key} is a group; set its keys, e.g. --config.{key}.<key>=...") from None
+    node[leaf] = ml_collections.ConfigDict(value)
+    return
+  try:
+    value = _parse_value(raw, current)
+  except ConfigError as e:
+    raise ConfigError(f"--config.{key}: {e}") from None
+  with node.ignore_type():
+    node[leaf] = value
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+  """Splits ``--config.a.b=v`` / ``--config.a.b v`` pairs from the other arguments."""
+  overrides, rest = [], []
+  it = iter(range(len(argv)))
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith(PREFIX):
+      body = a[len(PREFIX):]
+      if "=" in body:
+        k, v = body.split("=", 1)
+      else:
+        if i + 1 >= len(argv):
+          raise ConfigError(f"{a} needs a value: {a}=VALUE")
+        k, v = body, argv[i + 1]
+        i += 1
+      overrides.append((k, v))
+    else:
+      rest.append(a)
+    i += 1
+  del it
+  return overrides, rest
+
+
+def load_config(spec: str, overrides: Iterable[str | tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+  """Loads a config file (or a saved ``config.json``) and applies overrides."""
+  if spec.endswith(".json"):
+    if not os.path.exists(spec):
+      raise ConfigError(f"config {spec!r} not found")
+    with open(spec) as f:
+      cfg = ml_collections.ConfigDict(json.load(f))
+  else:
+    cfg = load_config_file(spec)
+  pairs = []
+  for o in overrides:
+    if isinstance(o, str):
+      p, _ = split_overrides([o])
+      pairs.extend(p)
+    else:
+      pairs.append(o)
+  for k, v in pairs:
+    apply_override(cfg, k, v)
+  validate(cfg)
+  return cfg
+
+
+def validate(cfg) -> None:
+  """Cheap structural checks with one-line errors."""
+  from fszjax import losses  # local import: keeps this module light
+
+  if "loss" in cfg and cfg.loss not in losses.LOSSES:
+    raise ConfigError(f"config.loss={cfg.loss!r}: use one of {losses.LOSSES}")
+  if cfg.get("loss") == "siglip" and "model" in cfg and not cfg.model.get("logit_bias", False):
+    raise ConfigError("config.loss=siglip needs a logit bias: set --config.model.logit_bias=True")
+  if "batch_size" in cfg and cfg.batch_size <= 0:
+    raise ConfigError(f"config.batch_size={cfg.batch_size} must be positive")
+  accum = cfg.get("grad_accum", 1)
+  if "batch_size" in cfg and accum > 1 and cfg.batch_size % accum:
+    raise ConfigError(f"config.batch_size={cfg.batch_size} is not divisible by "
+                      f"config.grad_accum={accum}")
+
+
+def save_config(cfg, path: str) -> None:
+  with open(path, "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))

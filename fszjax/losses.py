@@ -1,0 +1,188 @@
+"""Contrastive losses: CLIP (softmax) and SigLIP (sigmoid), dense and sharded.
+
+Shapes: ``zimg, ztxt (B, E)`` L2-normalised embeddings where row ``i`` of each is a
+matching pair; ``log_scale`` is the learned temperature in log form (scalar) and
+``bias`` the SigLIP logit bias (scalar). Every loss returns a scalar: the mean over
+the global batch.
+
+Dense versions materialise the ``(B, B)`` logits and are the test references.
+
+`siglip_loss_chunked` is a `jax.shard_map` ring over the batch mesh axes: each device
+keeps its image rows, text chunks travel around the ring with `ppermute`, and every
+device computes only ``(b, b)`` blocks (``b = B / devices``). Its backward pass is a
+custom VJP that replays the ring (recomputing each block, as `jax.checkpoint` would)
+with each text chunk's gradient travelling along with it and arriving home after the
+last hop. Nothing of size ``B x B`` or ``n_devices x b x E`` is ever stored, so the
+per-device memory is independent of the number of data-parallel devices.
+
+`clip_loss_chunked` needs full-row softmax normalisers; it all-gathers the embeddings
+(``B x E`` per device, as open_clip's ``gather_with_grad`` and big_vision do) and
+computes only the device's own ``(b, B)`` rows of the logits in each direction.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from fszjax.sharding import BATCH_AXES
+
+
+def _logits(zimg, ztxt, log_scale, bias=None):
+  logits = jnp.exp(log_scale) * jnp.einsum(
+      "id,jd->ij", zimg.astype(jnp.float32), ztxt.astype(jnp.float32))
+  if bias is not None:
+    logits = logits + bias
+  return logits
+
+
+def clip_loss_dense(zimg, ztxt, log_scale):
+  """CLIP softmax loss, mean of image->text and text->image cross-entropies."""
+  logits = _logits(zimg, ztxt, log_scale)
+  diag = jnp.diagonal(logits)
+  i2t = jax.nn.logsumexp(logits, axis=1) - diag
+  t2i = jax.nn.logsumexp(logits, axis=0) - diag
+  return 0.5 * (i2t.mean() + t2i.mean())
+
+
+def siglip_loss_dense(zimg, ztxt, log_scale, bias):
+  """SigLIP sigmoid loss: ``-sum_ij log sigmoid(y_ij * logit_ij) / B``, ``y = 2I - 1``."""
+  logits = _logits(zimg, ztxt, log_scale, bias)
+  labels = 2.0 * jnp.eye(logits.shape[0], dtype=logits.dtype) - 1.0
+  return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / logits.shape[0]
+
+
+def _siglip_block(zi, zt, log_scale, bias, positive):
+  """Sum of the sigmoid loss over one ``(b, b)`` block; diagonal positive iff `positive`."""
+  logits = _logits(zi, zt, log_scale, bias)
+  eye = jnp.eye(logits.shape[0], logits.shape[1], dtype=logits.dtype)
+  labels = jnp.where(positive, 2.0 * eye - 1.0, -jnp.ones_like(logits))
+  return -jnp.sum(jax.nn.log_sigmoid(labels * logits))
+
+
+def _make_siglip_ring(axes: tuple[str, ...], n: int):
+  """The per-device ring loss (a partial sum) with its memory-lean custom VJP."""
+  perm = [(i, (i + 1) % n) for i in range(n)]
+
+  def shift(x):
+    return jax.lax.ppermute(x, axes, perm) if n > 1 else x
+
+  def forward(zi, zt, log_scale, bias):
+    def body(carry, k):
+      ztc, acc = carry
+      acc = acc + _siglip_block(zi, ztc, log_scale, bias, k == 0)
+      return (shift(ztc), acc), None
+
+    acc0 = jnp.zeros((), jnp.float32)
+    acc0 = jax.lax.pcast(acc0, axes, to="varying") if axes else acc0
+    (_, acc), _ = jax.lax.scan(body, (zt, acc0), jnp.arange(n))
+    return acc
+
+  @jax.custom_vjp
+  def ring(zi, zt, log_scale, bias):
+    return forward(zi, zt, log_scale, bias)
+
+  def ring_fwd(zi, zt, log_scale, bias):
+    return forward(zi, zt, log_scale, bias), (zi, zt, log_scale, bias)
+
+  def ring_bwd(res, g):
+    zi, zt, log_scale, bias = res
+
+    def body(carry, k):
+      ztc, gztc, gzi, gt, gb = carry
+      _, vjp = jax.vjp(lambda a, c, t, b: _siglip_block(a, c, t, b, k == 0),
+                       zi, ztc, log_scale, bias)
+      dzi, dztc, dt, db = vjp(g)
+      carry = (shift(ztc), shift(gztc + dztc), gzi + dzi, gt + dt, gb + db)
+      return carry, None
+
+    init = (zt, jnp.zeros_like(zt), jnp.zeros_like(zi), jnp.zeros_like(log_scale),
+            jnp.zeros_like(bias))
+    (_, gzt, gzi, gt, gb), _ = jax.lax.scan(body, init, jnp.arange(n))
+    return gzi, gzt, gt, gb
+
+  ring.defvjp(ring_fwd, ring_bwd)
+  return ring
+
+
+def _batch_axes(mesh: Mesh, axes: Sequence[str]) -> tuple[tuple[str, ...], int]:
+  axes = tuple(a for a in axes if a in mesh.shape)
+  n = 1
+  for a in axes:
+    n *= mesh.shape[a]
+  return axes, n
+
+
+def siglip_loss_chunked(zimg, ztxt, log_scale, bias, mesh: Mesh,
+                        axes: Sequence[str] = BATCH_AXES):
+  """SigLIP loss as a ppermute ring over the mesh's batch axes (see module docstring)."""
+  axes, n = _batch_axes(mesh, axes)
+  if zimg.shape[0] % n:
+    raise ValueError(f"batch {zimg.shape[0]} is not divisible by the {n} batch shards")
+  global_b = zimg.shape[0]
+  ring = _make_siglip_ring(axes, n)
+
+  def per_device(zi, zt, t, b):
+    if axes:
+      t = jax.lax.pcast(t, axes, to="varying")
+      b = jax.lax.pcast(b, axes, to="varying")
+    local = ring(zi, zt, t, b)
+    return (jax.lax.psum(local, axes) if axes else local) / global_b
+
+  spec = P(axes if axes else None)
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, P(), P()), out_specs=P())(
+      zimg, ztxt, jnp.asarray(log_scale, jnp.float32), jnp.asarray(bias, jnp.float32))
+
+
+def clip_loss_chunked(zimg, ztxt, log_scale, mesh: Mesh, axes: Sequence[str] = BATCH_AXES):
+  """CLIP loss with each device computing only its own rows of the logits."""
+  axes, n = _batch_axes(mesh, axes)
+  if zimg.shape[0] % n:
+    raise ValueError(f"batch {zimg.shape[0]} is not divisible by the {n} batch shards")
+  global_b = zimg.shape[0]
+
+  def per_device(zi, zt, t):
+    b = zi.shape[0]
+    if n > 1:
+      zi_all = jax.lax.all_gather(zi, axes, tiled=True)
+      zt_all = jax.lax.all_gather(zt, axes, tiled=True)
+      offset = jax.lax.axis_index(axes) * b
+    else:
+      zi_all, zt_all, offset = zi, zt, 0
+    scale = jnp.exp(t)
+    rows = jnp.arange(b)
+    i2t = scale * jnp.einsum("id,jd->ij", zi.astype(jnp.float32), zt_all.astype(jnp.float32))
+    t2i = scale * jnp.einsum("id,jd->ij", zt.astype(jnp.float32), zi_all.astype(jnp.float32))
+    pos_i2t = i2t[rows, offset + rows]
+    pos_t2i = t2i[rows, offset + rows]
+    local = (jnp.sum(jax.nn.logsumexp(i2t, axis=1) - pos_i2t)
+             + jnp.sum(jax.nn.logsumexp(t2i, axis=1) - pos_t2i))
+    total = jax.lax.psum(local, axes) if axes else local
+    return 0.5 * total / global_b
+
+  spec = P(axes if axes else None)
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, P()), out_specs=P())(
+      zimg, ztxt, jnp.asarray(log_scale, jnp.float32))
+
+
+LOSSES = ("clip", "siglip")
+
+
+def contrastive_loss(kind: str, zimg, ztxt, log_scale, bias=None, *, mesh: Mesh | None = None,
+                     chunked: bool = True):
+  """Dispatches on ``kind`` ("clip" or "siglip"); chunked needs a mesh."""
+  if kind not in LOSSES:
+    raise ValueError(f"unknown loss {kind!r}; use one of {LOSSES} (config.loss)")
+  if kind == "siglip" and bias is None:
+    raise ValueError("the siglip loss needs a logit bias: set config.model.logit_bias=True")
+  if chunked and mesh is not None:
+    if kind == "clip":
+      return clip_loss_chunked(zimg, ztxt, log_scale, mesh)
+    return siglip_loss_chunked(zimg, ztxt, log_scale, bias, mesh)
+  if kind == "clip":
+    return clip_loss_dense(zimg, ztxt, log_scale)
+  return siglip_loss_dense(zimg, ztxt, log_scale, bias)

@@ -1,0 +1,269 @@
+"""Contrastive pretraining: train state, optimizer, the sharded train step.
+
+One step, from batch to update:
+
+  batch {'image': (B, H, W, C) f32, 'tokens': (B, L) i32}  (global arrays, batch-sharded)
+  -> TwoTower.apply -> zimg, ztxt (B, E) -> contrastive loss (losses.py)
+  -> grads -> optax (clip by global norm, AdamW with decay mask, warmup + cosine)
+  -> new TrainState, metrics (device scalars; nothing is fetched inside the step)
+
+Gradient accumulation (``config.grad_accum = k > 1``) is exact for contrastive losses:
+the loss couples every pair in the batch, so summing micro-batch losses would change the
+objective. Instead (the "gradient cache" scheme) the towers first embed the k
+micro-batches without storing activations, the loss and its gradient with respect to
+the embeddings are computed on the whole batch, and each micro-batch is then pushed
+back through the towers with its slice of that gradient. Memory is that of one
+micro-batch; the result equals one big-batch step.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fszjax import losses, sharding
+from fszjax.models.two_tower import TwoTower, build_model
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def _path_str(path) -> str:
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      if k.name != "value":
+        parts.append(k.name)
+    else:
+      parts.append(str(getattr(k, "idx", k)))
+  return "/".join(parts)
+
+
+def decay_mask(params):
+  """True for weights that get weight decay: kernels and embeddings (not norms, biases,
+  position embeddings, class tokens, probes, logit scale/bias)."""
+  def one(path, _):
+    last = _path_str(path).split("/")[-1]
+    return last in ("kernel", "embedding")
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def frozen_labels(params, patterns) -> Any:
+  """'frozen' for params whose path matches any regex in `patterns`, else 'trained'."""
+  regs = [re.compile(p) for p in patterns]
+
+  def one(path, _):
+    s = _path_str(path)
+    return "frozen" if any(r.search(s) for r in regs) else "trained"
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def make_schedule(ocfg, total_steps: int) -> optax.Schedule:
+  warmup = int(ocfg.get("warmup_steps", 0))
+  lr = float(ocfg.lr)
+  kind = ocfg.get("schedule", "cosine")
+  end = lr * float(ocfg.get("min_lr_ratio", 0.0))
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup_steps=max(warmup, 0), decay_steps=max(total_steps, warmup + 1),
+        end_value=end)
+  if kind == "constant":
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup])
+  raise ValueError(f"unknown config.optim.schedule {kind!r}; use 'cosine' or 'constant'")
+
+
+def make_optimizer(ocfg, total_steps: int, freeze: tuple[str, ...] = ()):
+  """AdamW (decay mask) after global-norm clipping, with a warmup + cosine schedule.
+
+  Params matching a regex in `freeze` get zero updates (e.g. LiT's image tower).
+  Returns ``(tx, schedule)``.
+  """
+  schedule = make_schedule(ocfg, total_steps)
+  parts = []
+  if ocfg.get("clip_norm", 0):
+    parts.append(optax.clip_by_global_norm(float(ocfg.clip_norm)))
+  parts.append(optax.adamw(
+      schedule, b1=float(ocfg.get("b1", 0.9)), b2=float(ocfg.get("b2", 0.999)),
+      eps=float(ocfg.get("eps", 1e-8)), weight_decay=float(ocfg.get("wd", 0.0)),
+      mask=decay_mask))
+  tx = optax.chain(*parts)
+  if freeze:
+    tx = optax.multi_transform(
+        {"trained": tx, "frozen": optax.set_to_zero()},
+        functools.partial(frozen_labels, patterns=tuple(freeze)))
+  return tx, schedule
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def input_shapes(config, batch: int = 1):
+  d = config.data if "data" in config else None
+  size = config.model.image.get("image_size", 0) or (d.image_size if d is not None else 224)
+  channels = config.model.image.get("channels", 0) or (d.get("channels", 3) if d is not None else 3)
+  return (batch, size, size, channels), (batch, config.model.text.max_len)
+
+
+def create_train_state(config, mesh: Mesh, rules, rng=None, model: TwoTower | None = None):
+  """Builds the model, optimizer and a sharded TrainState. Returns (state, model, tx, schedule)."""
+  model = model or build_model(config.model)
+  tx, schedule = make_optimizer(config.optim, config.total_steps,
+                                tuple(config.optim.get("freeze", ()) or ()))
+  rng = jax.random.key(config.seed) if rng is None else rng
+  img_shape, tok_shape = input_shapes(config)
+  init_rng, state_rng = jax.random.split(rng)
+
+  def init_params(r):
+    return model.init(r, jnp.zeros(img_shape, jnp.float32), jnp.zeros(tok_shape, jnp.int32))["params"]
+
+  params, _ = sharding.sharded_init(init_params, mesh, rules, init_rng)
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(tx.init)(params)
+    rep = sharding.replicated(mesh)
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
+                       opt_state=opt_state, rng=jax.device_put(state_rng, rep))
+  return state, model, tx, schedule
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def _to_micro(x, k: int):
+  """(B, ...) -> (k, B/k, ...): micro-batch m takes rows m, m+k, m+2k, ... so each
+  micro-batch keeps the batch sharding (every device keeps its own rows)."""
+  b = x.shape[0]
+  return jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
+
+
+def _from_micro(x):
+  """Inverse of `_to_micro`: (k, B/k, ...) -> (B, ...)."""
+  k, bk = x.shape[:2]
+  return jnp.swapaxes(x, 0, 1).reshape((k * bk,) + x.shape[2:])
+
+
+def in_batch_accuracy(zimg, ztxt, mesh: Mesh | None):
+  """Fraction of images whose most similar text in the batch is their own (i2t top-1).
+
+  Each device scores only its own image rows against the gathered texts, ``(b, B)``.
+  """
+  if mesh is None:
+    sims = zimg @ ztxt.T
+    return jnp.mean(jnp.argmax(sims, axis=1) == jnp.arange(zimg.shape[0]))
+  axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.shape)
+
+  def per_device(zi, zt):
+    zt_all = jax.lax.all_gather(zt, axes, tiled=True)
+    b = zi.shape[0]
+    offset = jax.lax.axis_index(axes) * b
+    hits = jnp.argmax(zi @ zt_all.T, axis=1) == offset + jnp.arange(b)
+    return jax.lax.psum(hits.sum(), axes) / zimg.shape[0]
+
+  spec = P(axes)
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec), out_specs=P())(zimg, ztxt)
+
+
+def make_train_step(model: TwoTower, tx, schedule, config, mesh: Mesh | None, rules=None,
+                    jit: bool = True, state_shardings=None):
+  """Returns ``step(state, batch) -> (state, metrics)``; jitted with donated state if `jit`."""
+  kind = config.loss
+  chunked = bool(config.get("loss_chunked", True)) and mesh is not None
+  accum = int(config.get("grad_accum", 1))
+  rules = rules if rules is not None else sharding.DEFAULT_RULES
+
+  def loss_of(zi, zt, t, b):
+    return losses.contrastive_loss(kind, zi, zt, t, b, mesh=mesh, chunked=chunked)
+
+  def embed(params, images, tokens):
+    zi, zt, _ = model.apply({"params": params}, images, tokens)
+    return zi, zt
+
+  def scale_bias(params):
+    return model.apply({"params": params}, method=TwoTower.scale_and_bias)
+
+  def grads_and_metrics(params, batch):
+    images, tokens = batch["image"], batch["tokens"]
+    if accum <= 1:
+      def full_loss(p):
+        zi, zt = embed(p, images, tokens)
+        t, b = scale_bias(p)
+        return loss_of(zi, zt, t, b), (zi, zt)
+      (loss, (zi, zt)), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
+      return loss, grads, zi, zt
+    if images.shape[0] % accum:
+      raise ValueError(f"batch {images.shape[0]} not divisible by grad_accum {accum}")
+    img_mb, tok_mb = _to_micro(images, accum), _to_micro(tokens, accum)
+    # 1) embeddings of all micro-batches, no activations kept.
+    zi_mb, zt_mb = jax.lax.map(lambda xs: embed(params, *xs), (img_mb, tok_mb))
+    zi, zt = _from_micro(zi_mb), _from_micro(zt_mb)
+    # 2) the loss on the whole batch and its gradient w.r.t. the embeddings.
+    (t, b), vjp_tb = jax.vjp(scale_bias, params)
+    loss, (gzi, gzt, gt, gb) = jax.value_and_grad(
+        loss_of, argnums=(0, 1, 2, 3))(zi, zt, t, b)
+    grads = vjp_tb((gt, gb))[0]
+    # 3) back through the towers one micro-batch at a time.
+    gzi_mb, gzt_mb = _to_micro(gzi, accum), _to_micro(gzt, accum)
+
+    def body(acc, xs):
+      img, tok, gi, gtx = xs
+      _, vjp = jax.vjp(lambda p: embed(p, img, tok), params)
+      g = vjp((gi, gtx))[0]
+      return jax.tree.map(jnp.add, acc, g), None
+
+    grads, _ = jax.lax.scan(body, grads, (img_mb, tok_mb, gzi_mb, gzt_mb))
+    return loss, grads, zi, zt
+
+  def step(state: TrainState, batch):
+    with nn.logical_axis_rules(rules):
+      loss, grads, zi, zt = grads_and_metrics(state.params, batch)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      t, b = scale_bias(state.params)
+      metrics = {
+          "loss": loss,
+          "lr": schedule(state.step),
+          "grad_norm": optax.global_norm(grads),
+          "param_norm": optax.global_norm(state.params),
+          "logit_scale": jnp.exp(t),
+          "i2t_acc": in_batch_accuracy(zi, zt, mesh),
+      }
+      if b is not None:
+        metrics["logit_bias"] = b
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              rng=jax.random.fold_in(state.rng, state.step))
+    return new_state, metrics
+
+  if not jit:
+    return step
+  batch_sh = None
+  if mesh is not None:
+    batch_sh = {"image": sharding.batch_sharding(mesh, 4), "tokens": sharding.batch_sharding(mesh, 2)}
+  jitted = jax.jit(step, in_shardings=(state_shardings, batch_sh),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+  if mesh is None:
+    return jitted
+
+  def run(state, batch):
+    batch = {"image": batch["image"], "tokens": batch["tokens"]}
+    with jax.set_mesh(mesh):
+      return jitted(state, batch)
+  run.jitted = jitted  # type: ignore[attr-defined]
+  return run

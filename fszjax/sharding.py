@@ -1,0 +1,168 @@
+"""Device meshes, logical-axis rules, sharded initialisation and global batches.
+
+Mesh axes are always ``("data", "fsdp", "tensor")``. Model code names array dimensions
+with *logical* axes (``"embed"``, ``"mlp"``, ``"heads"``, ``"batch"``, ...); a single
+rules table (kept in the config, MaxText style) maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# Axes the global batch is split over (data parallelism in both its flavours).
+BATCH_AXES = ("data", "fsdp")
+
+# Default logical-to-mesh rules. Parameters are sharded over `fsdp` along their
+# embedding dimension (ZeRO-3 style) and over `tensor` along heads / MLP hidden /
+# vocabulary (Megatron style). Activations use the `act_*` names.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", None),
+    ("layers", None),
+    ("norm", None),
+    ("seq", None),
+    ("patch", None),
+    ("proj", None),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+)
+
+
+class ShardingError(ValueError):
+  """A mesh or batch does not fit the devices; the message names the fix."""
+
+
+def resolve_mesh_shape(
+    data: int, fsdp: int, tensor: int, num_devices: int
+) -> tuple[int, int, int]:
+  """Resolves one `-1` entry to "the remaining devices" and checks the product."""
+  dims = [int(data), int(fsdp), int(tensor)]
+  if dims.count(-1) > 1:
+    raise ShardingError(f"mesh {dims}: at most one axis may be -1 (the rest of the devices)")
+  for d in dims:
+    if d == 0 or d < -1:
+      raise ShardingError(f"mesh {dims}: axis sizes must be positive or -1")
+  known = int(np.prod([d for d in dims if d != -1]))
+  if -1 in dims:
+    if num_devices % known:
+      raise ShardingError(
+          f"mesh {dims}: {num_devices} devices are not divisible by {known}; "
+          "change config.mesh.{data,fsdp,tensor}")
+    dims[dims.index(-1)] = num_devices // known
+  if int(np.prod(dims)) != num_devices:
+    raise ShardingError(
+        f"mesh data={dims[0]} fsdp={dims[1]} tensor={dims[2]} needs {int(np.prod(dims))} "
+        f"devices but {num_devices} are available; set config.mesh.* so the product is "
+        f"{num_devices} (or use -1 for one axis)")
+  return tuple(dims)  # type: ignore[return-value]
+
+
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None
+) -> Mesh:
+  """A `(data, fsdp, tensor)` mesh with Auto axis types (Linen's logical constraints need them)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+  if devices == list(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  arr = np.asarray(devices, dtype=object).reshape(shape)
+  return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
+  return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, devices=devices)
+
+
+def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
+  """The config's `sharding_rules` (list of [logical, mesh axis or list or None]) as a tuple."""
+  rules = config.get("sharding_rules", None) if hasattr(config, "get") else None
+  if not rules:
+    return DEFAULT_RULES
+  out = []
+  for name, axes in rules:
+    if isinstance(axes, (list, tuple)):
+      axes = tuple(axes)
+    out.append((name, axes))
+  return tuple(out)
+
+
+def batch_size_per_shard(mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Sharding of an array whose leading dimension is the global batch."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_global_batch(global_batch: int, mesh: Mesh, what: str = "config.batch_size") -> None:
+  n = batch_size_per_shard(mesh)
+  if global_batch % n:
+    raise ShardingError(
+        f"{what}={global_batch} is not divisible by the data-parallel size {n} "
+        f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
+        f"use a multiple of {n}")
+
+
+def logical_to_sharding(logical_specs, mesh: Mesh, rules) -> Any:
+  """Maps a tree of logical PartitionSpecs to NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def sharded_init(init_fn, mesh: Mesh, rules, *args):
+  """Initialises parameters directly in their sharded layout.
+
+  `init_fn(*args)` must return a tree holding `nn.Partitioned` boxes (what Linen's
+  `with_logical_partitioning` produces). The tree is traced with `eval_shape`, the
+  logical names become mesh shardings through `rules`, and a `jit` with those
+  `out_shardings` materialises the (unboxed) arrays where they belong: no device ever
+  holds the full parameter set.
+
+  Returns `(params, shardings)`.
+  """
+  abstract = jax.eval_shape(init_fn, *args)
+  specs = nn.get_partition_spec(abstract)
+  shardings = logical_to_sharding(specs, mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    params = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
+  return params, shardings
+
+
+def host_to_global(batch, mesh: Mesh, global_batch: int | None = None):
+  """Turns this process's numpy batch (a pytree) into global arrays sharded over the batch axes.
+
+  Each process passes only its own rows (``global_batch / process_count`` of them); the
+  result is one `jax.Array` per leaf with leading dimension ``global_batch``.
+  """
+
+  def one(x):
+    x = np.asarray(x)
+    sharding = batch_sharding(mesh, x.ndim)
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    gshape = (global_batch or x.shape[0] * jax.process_count(),) + x.shape[1:]
+    return jax.make_array_from_process_local_data(sharding, x, gshape)
+
+  return jax.tree.map(one, batch)
+
+
+def shardings_of(tree):
+  """The `.sharding` of every array leaf (for jit in/out shardings)."""
+  return jax.tree.map(lambda x: x.sharding, tree)
