@@ -13,14 +13,17 @@ import difflib
 import importlib.util
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import ml_collections
 
 PREFIX = "--config."
 
 
-class ConfigError(ValueError):
+from fszjax.errors import UserError
+
+
+class ConfigError(UserError):
   """A config file or override is wrong; the message names the fix."""
 
 
@@ -109,30 +112,6 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
     node[leaf] = value
 
 
-def split_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
-  """Splits ``--config.a.b=v`` / ``--config.a.b v`` pairs from the other arguments."""
-  overrides, rest = [], []
-  it = iter(range(len(argv)))
-  i = 0
-  while i < len(argv):
-    a = argv[i]
-    if a.startswith(PREFIX):
-      body = a[len(PREFIX):]
-      if "=" in body:
-        k, v = body.split("=", 1)
-      else:
-        if i + 1 >= len(argv):
-          raise ConfigError(f"{a} needs a value: {a}=VALUE")
-        k, v = body, argv[i + 1]
-        i += 1
-      overrides.append((k, v))
-    else:
-      rest.append(a)
-    i += 1
-  del it
-  return overrides, rest
-
-
 def load_config(spec: str, overrides: Iterable[str | tuple[str, str]] = ()) -> ml_collections.ConfigDict:
   """Loads a config file (or a saved ``config.json``) and applies overrides."""
   if spec.endswith(".json"):
@@ -145,6 +124,8 @@ def load_config(spec: str, overrides: Iterable[str | tuple[str, str]] = ()) -> m
   pairs = []
   for o in overrides:
     if isinstance(o, str):
+      from fszjax.cli import split_overrides  # pylint: disable=import-outside-toplevel
+
       p, _ = split_overrides([o])
       pairs.extend(p)
     else:

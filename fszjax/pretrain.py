@@ -240,8 +240,8 @@ def make_train_step(model: TwoTower, tx, schedule, config, mesh: Mesh | None, ru
       metrics = {
           "loss": loss,
           "lr": schedule(state.step),
-          "grad_norm": optax.global_norm(grads),
-          "param_norm": optax.global_norm(state.params),
+          "grad_norm": optax.tree.norm(grads),
+          "param_norm": optax.tree.norm(state.params),
           "logit_scale": jnp.exp(t),
           "i2t_acc": in_batch_accuracy(zi, zt, mesh),
       }

@@ -41,7 +41,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class ShardingError(ValueError):
+from fszjax.errors import UserError  # noqa: E402
+
+
+class ShardingError(UserError):
   """A mesh or batch does not fit the devices; the message names the fix."""
 
 

@@ -1,0 +1,62 @@
+"""Shared helpers of the data tests: a small Glyphs build (built once per session) and
+tiny users' datasets written into temporary directories. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+GLYPH_MAX_CHARS = 150
+
+
+def glyph_options():
+  from fszjax.data import glyphs
+
+  return glyphs.GlyphsOptions(max_chars=GLYPH_MAX_CHARS)
+
+
+def glyphs_data_dir(tmp_path_factory) -> str:
+  """Prepares the reduced Glyphs build once per session (prepare() is idempotent)."""
+  import tensorflow_datasets as tfds
+
+  from fszjax.data import glyphs
+
+  data_dir = str(tmp_path_factory.getbasetemp() / "fszjax_glyphs_data")
+  if not glyphs.is_prepared(glyph_options(), data_dir):
+    tfds.disable_progress_bar()
+    glyphs.prepare(glyph_options(), data_dir)
+  return data_dir
+
+
+def glyph_cfg(data_dir: str, **overrides):
+  """The default glyphs data config pointed at the test build (small tokenizer)."""
+  from fszjax.data import defaults
+
+  cfg = defaults.glyphs_data_config()
+  cfg.data_dir = data_dir
+  cfg.glyphs.max_chars = GLYPH_MAX_CHARS
+  cfg.tokenizer.vocab_size = 256
+  cfg.num_threads = 1
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+def write_image_folder(root: str, *, classes=("zebra", "yak", "ibis"), per_class: int = 4,
+                       domains=None, corrupt: int = 0, size=(10, 12)) -> str:
+  """root/<class>/i.png (or root/<domain>/<class>/i.png): every image a distinct gray level."""
+  from PIL import Image
+
+  level = 0
+  for dom in (domains or [None]):
+    for cls in classes:
+      d = os.path.join(root, *( [dom] if dom else []), cls)
+      os.makedirs(d, exist_ok=True)
+      for k in range(per_class):
+        level += 1
+        Image.fromarray(np.full(size + (3,), 5 * level, np.uint8)).save(os.path.join(d, f"{k}.png"))
+  for k in range(corrupt):
+    with open(os.path.join(root, *([domains[0]] if domains else []), classes[0], f"bad{k}.jpg"), "wb") as f:
+      f.write(b"\xff\xd8 this is not a jpeg")
+  return root
