@@ -7,6 +7,8 @@
 
 import ml_collections
 
+from fszjax.data.defaults import glyphs_data_config
+
 
 def get_config(arg=None):
   del arg
@@ -52,4 +54,21 @@ def get_config(arg=None):
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, wd=1e-4, b1=0.9, b2=0.95, eps=1e-8, warmup_steps=100, schedule="cosine",
       min_lr_ratio=0.0, clip_norm=1.0, freeze=[]))
+
+  # ---- data (see fszjax/data/defaults.py for every key).
+  c.data = glyphs_data_config()
+
+  # ---- logging, evaluation, checkpoints.
+  c.log_every = 20
+  c.eval_every = 250
+  c.eval = ml_collections.ConfigDict(dict(
+      splits=("test_classes", "test_fonts"), max_examples=2000, batch_size=256))
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      save_every=250, keep=2, best_metric="zeroshot/test_classes/top1", best_mode="max",
+      async_save=True))
+  c.progress = True
+  # Load (part of) another run's params: a workdir or checkpoint, and a regex of param
+  # paths ("" = all), e.g. init_keys="^img/" for the image tower.
+  c.init_from = ""
+  c.init_keys = ""
   return c

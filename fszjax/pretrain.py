@@ -123,24 +123,68 @@ def input_shapes(config, batch: int = 1):
   return (batch, size, size, channels), (batch, config.model.text.max_len)
 
 
-def create_train_state(config, mesh: Mesh, rules, rng=None, model: TwoTower | None = None):
-  """Builds the model, optimizer and a sharded TrainState. Returns (state, model, tx, schedule)."""
+def _state_parts(config, model: TwoTower | None = None):
   model = model or build_model(config.model)
   tx, schedule = make_optimizer(config.optim, config.total_steps,
                                 tuple(config.optim.get("freeze", ()) or ()))
-  rng = jax.random.key(config.seed) if rng is None else rng
   img_shape, tok_shape = input_shapes(config)
-  init_rng, state_rng = jax.random.split(rng)
 
-  def init_params(r):
-    return model.init(r, jnp.zeros(img_shape, jnp.float32), jnp.zeros(tok_shape, jnp.int32))["params"]
+  def init_boxed(rng_data):
+    rng = jax.random.wrap_key_data(rng_data)
+    init_rng, state_rng = jax.random.split(rng)
+    params = model.init(init_rng, jnp.zeros(img_shape, jnp.float32),
+                        jnp.zeros(tok_shape, jnp.int32))["params"]
+    return params, jax.random.key_data(state_rng)
 
-  params, _ = sharding.sharded_init(init_params, mesh, rules, init_rng)
+  return model, tx, schedule, init_boxed
+
+
+def _seed_data(config):
+  return jax.random.key_data(jax.random.key(config.seed))
+
+
+def state_shardings(config, mesh: Mesh, rules, model: TwoTower | None = None):
+  """Abstract TrainState (`ShapeDtypeStruct`s carrying their shardings on `mesh`).
+
+  Used both to initialise in place and as the restore target of a checkpoint written on
+  any other mesh. Nothing is materialised.
+  """
+  model, tx, _, init_boxed = _state_parts(config, model)
+  abstract_boxed, abstract_rng = jax.eval_shape(init_boxed, _seed_data(config))
+  param_sh = sharding.logical_to_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
+  abstract_params = jax.tree.map(
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+      nn.unbox(abstract_boxed), param_sh)
   with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init)(params)
-    rep = sharding.replicated(mesh)
-    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params,
-                       opt_state=opt_state, rng=jax.device_put(state_rng, rep))
+    opt_sh = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  abstract_opt = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                              abstract_opt, opt_sh)
+  rep = sharding.replicated(mesh)
+  return TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=abstract_params,
+      opt_state=abstract_opt,
+      rng=jax.ShapeDtypeStruct(abstract_rng.shape, abstract_rng.dtype, sharding=rep))
+
+
+def create_train_state(config, mesh: Mesh, rules, model: TwoTower | None = None):
+  """Builds the model, optimizer and a sharded TrainState, initialised in place (no device
+  ever holds more than its shards). Returns ``(state, model, tx, schedule)``.
+
+  The state's ``rng`` is raw key data (uint32), which checkpoints portably.
+  """
+  model, tx, schedule, init_boxed = _state_parts(config, model)
+  abstract = state_shardings(config, mesh, rules, model)
+  shardings = sharding.shardings_of(abstract)
+
+  def init(rng_data):
+    boxed, state_rng = init_boxed(rng_data)
+    params = nn.unbox(boxed)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=state_rng)
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = jax.jit(init, out_shardings=shardings)(_seed_data(config))
   return state, model, tx, schedule
 
 
@@ -248,7 +292,8 @@ def make_train_step(model: TwoTower, tx, schedule, config, mesh: Mesh | None, ru
       if b is not None:
         metrics["logit_bias"] = b
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              rng=jax.random.fold_in(state.rng, state.step))
+                              rng=jax.random.key_data(jax.random.fold_in(
+                                  jax.random.wrap_key_data(state.rng), state.step)))
     return new_state, metrics
 
   if not jit:
@@ -267,3 +312,186 @@ def make_train_step(model: TwoTower, tx, schedule, config, mesh: Mesh | None, ru
       return jitted(state, batch)
   run.jitted = jitted  # type: ignore[attr-defined]
   return run
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN/inf; the last good checkpoint is kept."""
+
+  user_error = True
+
+
+def _path_tree(params):
+  return jax.tree_util.tree_map_with_path(lambda p, _: _path_str(p), params)
+
+
+def init_params_from(state: TrainState, path: str, keys: str = "") -> tuple[TrainState, int]:
+  """Copies params from another run's checkpoint into `state` (all, or those whose path
+  matches the regex `keys`, e.g. ``^img/`` for LiT). Shapes must agree."""
+  import numpy as np
+
+  from fszjax import checkpoint
+
+  src = checkpoint.load_params_numpy(path)
+  src_flat = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(src)[0]}
+  reg = re.compile(keys) if keys else None
+  copied = 0
+
+  def one(p, x):
+    nonlocal copied
+    name = _path_str(p)
+    if reg is not None and not reg.search(name):
+      return x
+    if name not in src_flat:
+      if reg is not None:
+        raise checkpoint.CheckpointError(
+            f"init_from {path}: parameter {name} is missing there; adjust config.init_keys")
+      return x
+    v = np.asarray(src_flat[name])
+    if v.shape != x.shape:
+      raise checkpoint.CheckpointError(
+          f"init_from {path}: {name} has shape {v.shape} there but {x.shape} here; the "
+          "towers' configs must match")
+    copied += 1
+    return jax.device_put(v.astype(x.dtype), x.sharding)
+
+  params = jax.tree_util.tree_map_with_path(one, state.params)
+  if copied == 0:
+    raise checkpoint.CheckpointError(f"init_from {path}: no parameter matched {keys or 'any'}")
+  return state.replace(params=params), copied
+
+
+def _finite_or_raise(loss: float, step: int, ckpt) -> None:
+  import math
+
+  if not math.isfinite(loss):
+    last = ckpt.latest_step() if ckpt is not None else None
+    kept = f"the last good checkpoint (step {last}) is kept" if last else "no checkpoint was written"
+    raise TrainingDiverged(f"loss is {loss} at step {step}; {kept}; lower config.optim.lr or "
+                           "raise config.optim.warmup_steps")
+
+
+def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
+  """Runs (or resumes) pretraining in `workdir`. Returns the summary dict.
+
+  ``stop_at`` ends the run after that step as if preempted (tests of exact resume).
+  """
+  import json
+  import logging
+  import os
+  import time
+
+  from fszjax import checkpoint, evaluate, metrics as metrics_lib
+  from fszjax import config as config_lib
+  from fszjax.data import pipeline
+
+  log = logging.getLogger("fszjax")
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.mesh_from_config(config.mesh)
+  rules = sharding.rules_from_config(config)
+  sharding.check_global_batch(config.batch_size, mesh)
+  if config.get("init_from", "") and not os.path.exists(os.path.expanduser(config.init_from)):
+    raise checkpoint.CheckpointError(
+        f"config.init_from={config.init_from} does not exist; pass a fszjax workdir or checkpoint")
+  if is_main:
+    config_lib.save_config(config, os.path.join(workdir, "config.json"))
+
+  state, model, tx, schedule = create_train_state(config, mesh, rules)
+  state_sh = sharding.shardings_of(state)
+  train_iter = pipeline.make_train_iterator(config.data, global_batch=config.batch_size,
+                                            seed=config.seed)
+  ccfg = config.checkpoint
+  ckpt = checkpoint.Checkpointer(
+      os.path.join(workdir, "checkpoints"), save_every=ccfg.save_every, keep=ccfg.keep,
+      best_metric=ccfg.get("best_metric", None) or None, best_mode=ccfg.get("best_mode", "max"),
+      async_save=ccfg.get("async_save", True))
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  start = 0
+  if ckpt.all_steps():
+    abstract = state_shardings(config, mesh, rules, model)
+    start, state = ckpt.restore(abstract, iterator=train_iter)
+    writer.truncate_after(start)
+    if is_main:
+      log.info("resumed from step %d", start)
+  elif config.get("init_from", ""):
+    state, n = init_params_from(state, config.init_from, config.get("init_keys", ""))
+    if is_main:
+      log.info("initialised %d parameter arrays from %s", n, config.init_from)
+
+  step_fn = make_train_step(model, tx, schedule, config, mesh, rules, state_shardings=state_sh)
+  total = int(config.total_steps)
+  log_every, eval_every = int(config.log_every), int(config.get("eval_every", 0) or 0)
+  tokenizer = pipeline.get_tokenizer(config.data)
+  eval_cache: dict = {}
+
+  def run_eval():
+    with jax.set_mesh(mesh):
+      return evaluate.run_evaluators(config, model, state.params, tokenizer, arrays_cache=eval_cache)
+
+  progress = metrics_lib.Progress(total, start, enabled=is_main and config.get("progress", True))
+  t_last, steps_since = time.perf_counter(), 0
+  t_start = time.perf_counter()
+  last_eval = None
+  metrics = None
+  step = start
+  stopped_early = False
+  try:
+    for step in range(start + 1, total + 1):
+      batch = next(train_iter)
+      gbatch = sharding.host_to_global(
+          {"image": batch["image"], "tokens": batch["tokens"]}, mesh, config.batch_size)
+      state, metrics = step_fn(state, gbatch)
+      steps_since += 1
+      progress.update(1)
+      row = None
+      if step % log_every == 0 or step == total:
+        host = jax.device_get(metrics)
+        _finite_or_raise(float(host["loss"]), step, ckpt)
+        now = time.perf_counter()
+        row = {k: float(v) for k, v in host.items()}
+        row["examples_per_sec"] = steps_since * config.batch_size / (now - t_last)
+        t_last, steps_since = now, 0
+        progress.update(0, loss=row["loss"])
+      eval_metrics = None
+      if eval_every and (step % eval_every == 0 or step == total):
+        evals = run_eval()
+        last_eval = evals
+        eval_metrics = metrics_lib.flatten_eval(evals)
+        row = (row or {}) | eval_metrics
+        t_last = time.perf_counter()  # evaluation time is not training throughput
+      if row is not None:
+        writer.write(step, row)
+      preempted = ckpt.reached_preemption(step)
+      stop_now = stop_at is not None and step >= stop_at
+      if ckpt.should_save(step) or step == total or preempted or stop_now:
+        _finite_or_raise(float(jax.device_get(metrics["loss"])), step, ckpt)
+        ckpt.save(step, state, train_iter, config, metrics=eval_metrics, force=True)
+      if preempted or stop_now:
+        stopped_early = True
+        if is_main:
+          log.warning("stopping at step %d (%s); rerun the same command to resume", step,
+                      "preemption" if preempted else "stop_at")
+        break
+  finally:
+    ckpt.wait()
+    progress.close()
+  wall = time.perf_counter() - t_start
+  summary = {"steps": int(step), "stopped_early": stopped_early}
+  if not stopped_early:
+    if last_eval is None:
+      last_eval = run_eval()
+    summary.update(last_eval)
+    summary["wall_time_s"] = wall
+    summary["resumed_from"] = start
+    if is_main:
+      with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+      metrics_lib.plot_report(os.path.join(workdir, "metrics.jsonl"),
+                              os.path.join(workdir, "report.png"),
+                              title=f"{config.get('name', '')} ({config.loss})")
+  ckpt.close()
+  writer.close()
+  return summary

@@ -1,0 +1,286 @@
+"""TFDS builders for users' own data, so few-shot and domain data work without code.
+
+Two builders, both writing ArrayRecord under `<data_dir>/<builder>/<name>/<version>`:
+
+* `user_image_folder/<name>`: an image folder `root/<class name>/*.jpg`, or with domains
+  `root/<domain>/<class name>/*.jpg`. If `root` holds `train/`, `val/` (or
+  `validation/`) or `test/` directories, each is a split; otherwise everything is
+  `train`. Features: `image` (the file's bytes, verbatim), `label` (ClassLabel over the
+  sorted class names of all splits), `text` (class name, "_" and "-" -> " "), `domain`
+  (ClassLabel over domains; "default" without domains), `file_name`.
+* `user_image_captions/<name>`: a TSV or CSV manifest with rows `image_path<TAB>caption`
+  (optionally a third `split` column; an optional header row is detected). Relative
+  paths are resolved against the manifest's directory; rows of the same image are
+  grouped. Features: `image`, `captions` (sequence of text), `file_name`.
+
+Files are stored verbatim (no re-encoding): an unreadable image is kept and the
+pipeline skips and counts it at read time. Missing files are reported at prepare time.
+
+Prepare from the command line:
+
+  fszjax prepare folder ROOT --name birds [--data_dir D]
+  fszjax prepare captions MANIFEST.tsv --name pets [--data_dir D]
+
+and read with `data.name = "user_image_folder/birds"` (or `user_image_captions/pets`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import os
+import re
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+VERSION = "1.0.0"
+_VERSION = VERSION
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SPLIT_DIRS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+FOLDER_BUILDER = "user_image_folder"
+CAPTIONS_BUILDER = "user_image_captions"
+
+
+class UserDataError(ValueError):
+  """Bad user data (missing folder, empty manifest, ...); the message names the fix."""
+
+  user_error = True
+
+
+def _check_name(name: str) -> str:
+  if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name or ""):
+    raise UserDataError(f"dataset name {name!r} is invalid; use letters, digits, '_', '-', '.'")
+  return name
+
+
+def class_text(name: str) -> str:
+  """Folder name -> class text ("sea_lion" -> "sea lion")."""
+  return re.sub(r"[_\-]+", " ", name).strip()
+
+
+def _is_image(path: str) -> bool:
+  return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _subdirs(path: str) -> list[str]:
+  return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+
+
+def _images_in(path: str) -> list[str]:
+  out = []
+  for dirpath, dirnames, files in os.walk(path):
+    dirnames.sort()
+    out += [os.path.join(dirpath, f) for f in sorted(files) if _is_image(f) and not f.startswith(".")]
+  return out
+
+
+def scan_image_folder(root: str, layout: str = "auto") -> dict[str, list[tuple[str, str, str]]]:
+  """split -> [(path, class name, domain)] of an image folder.
+
+  layout: "classes" (root/<class>/*), "domains" (root/<domain>/<class>/*) or "auto" (domains
+  when every top-level directory holds only directories).
+  """
+  if not os.path.isdir(root):
+    raise UserDataError(f"image folder {root!r} does not exist; pass the directory holding <class>/ folders")
+  if layout not in ("auto", "classes", "domains"):
+    raise UserDataError(f"layout={layout!r} is unknown; use auto, classes or domains")
+  top = _subdirs(root)
+  split_roots = {SPLIT_DIRS[d]: os.path.join(root, d) for d in top if d in SPLIT_DIRS}
+  if not split_roots:
+    split_roots = {"train": root}
+  out: dict[str, list[tuple[str, str, str]]] = {}
+  for split, sroot in sorted(split_roots.items()):
+    dirs = _subdirs(sroot)
+    use_domains = layout == "domains" or (layout == "auto" and dirs and all(
+        _subdirs(os.path.join(sroot, d)) and not any(
+            _is_image(f) for f in os.listdir(os.path.join(sroot, d))) for d in dirs))
+    rows = []
+    for d in dirs:
+      if use_domains:
+        for c in _subdirs(os.path.join(sroot, d)):
+          rows += [(p, c, d) for p in _images_in(os.path.join(sroot, d, c))]
+      else:
+        rows += [(p, d, "default") for p in _images_in(os.path.join(sroot, d))]
+    if rows:
+      out[split] = rows
+  if not out:
+    raise UserDataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r} in "
+                        "<class>/ or <domain>/<class>/ folders")
+  return out
+
+
+def read_manifest(path: str) -> dict[str, list[tuple[str, list[str]]]]:
+  """split -> [(image path, [captions])] of a TSV/CSV manifest (rows of one image grouped)."""
+  if not os.path.isfile(path):
+    raise UserDataError(f"manifest {path!r} not found; pass a .tsv/.csv file of image_path, caption rows")
+  with open(path, newline="", encoding="utf-8") as f:
+    text = f.read()
+  delimiter = "\t" if path.lower().endswith(".tsv") or "\t" in text.split("\n", 1)[0] else ","
+  rows = [r for r in csv.reader(text.splitlines(), delimiter=delimiter) if r and any(c.strip() for c in r)]
+  base = os.path.dirname(os.path.abspath(path))
+  if rows and rows[0][0].strip().lower() in ("image", "image_path", "path", "file", "filename", "file_name"):
+    rows = rows[1:]
+  grouped: dict[str, dict[str, list[str]]] = {}
+  for i, r in enumerate(rows):
+    if len(r) < 2:
+      raise UserDataError(f"{path}: row {i + 1} has {len(r)} column(s); each row needs image_path and caption")
+    img = r[0].strip()
+    img = img if os.path.isabs(img) else os.path.join(base, img)
+    split = r[2].strip() if len(r) > 2 and r[2].strip() else "train"
+    grouped.setdefault(split, {}).setdefault(img, []).append(r[1].strip())
+  if not grouped:
+    raise UserDataError(f"manifest {path!r} has no rows; add image_path<TAB>caption lines")
+  return {s: sorted(d.items()) for s, d in sorted(grouped.items())}
+
+
+def _code_path():
+  from etils import epath  # noqa: PLC0415
+
+  return epath.Path(os.path.abspath(__file__))
+
+
+def _make_builders():
+  import numpy as np  # noqa: PLC0415
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+
+  @dataclasses.dataclass(eq=False)
+  class UserImageFolderConfig(tfds.core.BuilderConfig):
+    root: str = ""
+    layout: str = "auto"
+
+  class UserImageFolder(tfds.core.GeneratorBasedBuilder):
+    """Image folder root/<class>/* or root/<domain>/<class>/* (see module docstring)."""
+
+    VERSION = tfds.core.Version(_VERSION)
+    RELEASE_NOTES = {_VERSION: "First release."}
+    BUILDER_CONFIGS = []
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):  # noqa: N805
+      return _code_path()
+
+    def _scan(self):
+      if not hasattr(self, "_rows"):
+        self._rows = scan_image_folder(self.builder_config.root, self.builder_config.layout)
+      return self._rows
+
+    def _info(self):
+      rows = self._scan() if self.builder_config.root else {}
+      classes = sorted({c for r in rows.values() for _, c, _ in r})
+      domains = sorted({d for r in rows.values() for _, _, d in r})
+      return tfds.core.DatasetInfo(
+          builder=self,
+          description=f"Image folder {self.builder_config.root}",
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(shape=(None, None, 3)),
+              "label": tfds.features.ClassLabel(names=classes or ["none"]),
+              "text": tfds.features.Text(),
+              "domain": tfds.features.ClassLabel(names=domains or ["default"]),
+              "file_name": tfds.features.Text(),
+          }),
+          supervised_keys=("image", "label"),
+      )
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {s: self._generate_examples(rows) for s, rows in self._scan().items()}
+
+    def _generate_examples(self, rows):
+      root = self.builder_config.root
+      for path, cls, dom in rows:
+        rel = os.path.relpath(path, root)
+        yield rel, {"image": path, "label": cls, "text": class_text(cls), "domain": dom, "file_name": rel}
+
+  @dataclasses.dataclass(eq=False)
+  class UserImageCaptionsConfig(tfds.core.BuilderConfig):
+    manifest: str = ""
+
+  class UserImageCaptions(tfds.core.GeneratorBasedBuilder):
+    """Image-caption pairs from a TSV/CSV manifest (see module docstring)."""
+
+    VERSION = tfds.core.Version(_VERSION)
+    RELEASE_NOTES = {_VERSION: "First release."}
+    BUILDER_CONFIGS = []
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):  # noqa: N805
+      return _code_path()
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self,
+          description=f"Image-caption pairs from {self.builder_config.manifest}",
+          features=tfds.features.FeaturesDict({
+              "image": tfds.features.Image(shape=(None, None, 3)),
+              "captions": tfds.features.Sequence(tfds.features.Text()),
+              "file_name": tfds.features.Text(),
+          }),
+      )
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      rows = read_manifest(self.builder_config.manifest)
+      return {s: self._generate_examples(r) for s, r in rows.items()}
+
+    def _generate_examples(self, rows):
+      missing = 0
+      for path, caps in rows:
+        if not os.path.isfile(path):
+          missing += 1
+          if missing <= 5:
+            log.warning("manifest image %s not found; row skipped", path)
+          continue
+        yield path, {"image": path, "captions": caps, "file_name": os.path.basename(path)}
+      if missing:
+        log.warning("%d manifest image(s) not found and skipped", missing)
+
+  del np
+  return {
+      FOLDER_BUILDER: (UserImageFolder, UserImageFolderConfig),
+      CAPTIONS_BUILDER: (UserImageCaptions, UserImageCaptionsConfig),
+  }
+
+
+_BUILDERS: dict[str, Any] | None = None
+
+
+def builders():
+  """{"user_image_folder": (builder class, config class), "user_image_captions": (...)}."""
+  global _BUILDERS
+  if _BUILDERS is None:
+    _BUILDERS = _make_builders()
+  return _BUILDERS
+
+
+def _prepare(kind: str, name: str, data_dir: str | None, **config_kwargs) -> str:
+  from fszjax.data.glyphs import default_data_dir  # noqa: PLC0415
+
+  _check_name(name)
+  builder_cls, config_cls = builders()[kind]
+  data_dir = default_data_dir(data_dir)
+  builder = builder_cls(config=config_cls(name=name, **config_kwargs), data_dir=data_dir,
+                        file_format="array_record")
+  builder.download_and_prepare(file_format="array_record")
+  return os.path.join(data_dir, kind, name, VERSION)
+
+
+def prepare_image_folder(root: str, name: str, data_dir: str | None = None, layout: str = "auto") -> str:
+  """Prepares `root/<class>/*` (or `root/<domain>/<class>/*`) as `user_image_folder/<name>`.
+
+  Returns the dataset directory. Re-preparing an existing name is a no-op (delete the
+  directory to rebuild).
+  """
+  _check_name(name)
+  scan_image_folder(root, layout)  # fail fast with a clear message
+  return _prepare(FOLDER_BUILDER, name, data_dir, root=os.path.abspath(root), layout=layout)
+
+
+def prepare_image_captions(manifest: str, name: str, data_dir: str | None = None) -> str:
+  """Prepares a TSV/CSV manifest of (image path, caption) as `user_image_captions/<name>`."""
+  _check_name(name)
+  read_manifest(manifest)
+  return _prepare(CAPTIONS_BUILDER, name, data_dir, manifest=os.path.abspath(manifest))

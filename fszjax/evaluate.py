@@ -1,0 +1,187 @@
+"""Evaluators: zero-shot classification and image-text retrieval.
+
+Zero-shot: each class is described by its name through prompt templates ("a photo of
+a {}") or by several free-text descriptions; the classifier row of a class is the mean
+of its normalised text embeddings, renormalised. An image is assigned the class whose
+row has the largest cosine similarity.
+
+Retrieval: images and texts carry group ids (for COCO-style data the image index; for
+class-named data the class); a retrieved item is a hit when its group matches.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _normalize(x, axis=-1):
+  x = np.asarray(x, np.float32)
+  return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def build_class_texts(class_names: Sequence[str | Sequence[str]], templates: Sequence[str]):
+  """Texts for every class: ``templates x name`` for a name, the descriptions as given for a
+  list. Returns ``(texts, owner)`` with ``owner[i]`` the class of ``texts[i]``."""
+  texts, owner = [], []
+  for c, name in enumerate(class_names):
+    if isinstance(name, str):
+      items = [t.format(name) for t in templates] if templates else [name]
+    else:
+      items = list(name)
+    if not items:
+      raise ValueError(f"class {c} has no description")
+    texts.extend(items)
+    owner.extend([c] * len(items))
+  return texts, np.asarray(owner)
+
+
+def zero_shot_classifier(encode_texts: Callable[[list[str]], np.ndarray],
+                         class_names: Sequence[str | Sequence[str]],
+                         templates: Sequence[str] = ("{}",)) -> np.ndarray:
+  """``(C, E)`` classifier: per class, the renormalised mean of its normalised text embeddings.
+
+  ``encode_texts(list_of_str) -> (n, E)`` embeds texts (normalised or not).
+  """
+  texts, owner = build_class_texts(class_names, templates)
+  z = _normalize(encode_texts(texts))
+  num = len(class_names)
+  sums = np.zeros((num, z.shape[1]), np.float32)
+  np.add.at(sums, owner, z)
+  return _normalize(sums / np.bincount(owner, minlength=num)[:, None])
+
+
+def ci95(p: float, n: int) -> float:
+  """Half-width of the normal-approximation 95% interval of a proportion."""
+  return 1.96 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+
+
+def topk_accuracy(zimg: np.ndarray, classifier: np.ndarray, labels: np.ndarray,
+                  ks=(1, 5)) -> dict[str, float]:
+  """Zero-shot accuracies: ``zimg (N, E)``, ``classifier (C, E)``, ``labels (N,)``."""
+  sims = _normalize(zimg) @ classifier.T
+  num_classes = classifier.shape[0]
+  order = np.argsort(-sims, axis=1, kind="stable")
+  labels = np.asarray(labels)
+  out = {}
+  for k in ks:
+    kk = min(k, num_classes)
+    out[f"top{k}"] = float(np.mean(np.any(order[:, :kk] == labels[:, None], axis=1)))
+  n = len(labels)
+  out.update(num_classes=num_classes, chance=1.0 / num_classes, num_examples=n,
+             top1_ci95=ci95(out["top1"], n))
+  return out
+
+
+def retrieval_metrics(zimg: np.ndarray, ztxt: np.ndarray, img_group: np.ndarray,
+                      txt_group: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
+  """Recall@K both ways. ``zimg (N, E)``, ``ztxt (M, E)``, group ids ``(N,)`` and ``(M,)``."""
+  sims = _normalize(zimg) @ _normalize(ztxt).T
+  img_group, txt_group = np.asarray(img_group), np.asarray(txt_group)
+  i2t = np.argsort(-sims, axis=1, kind="stable")
+  t2i = np.argsort(-sims.T, axis=1, kind="stable")
+  out = {}
+  for k in ks:
+    out[f"i2t_r{k}"] = float(np.mean(np.any(txt_group[i2t[:, :k]] == img_group[:, None], axis=1)))
+    out[f"t2i_r{k}"] = float(np.mean(np.any(img_group[t2i[:, :k]] == txt_group[:, None], axis=1)))
+  out.update(num_images=int(len(img_group)), num_texts=int(len(txt_group)))
+  return out
+
+
+class Encoder:
+  """Batched, jitted image / text encoders of a `TwoTower` with fixed parameters."""
+
+  def __init__(self, model, params, tokenizer=None, max_len: int | None = None,
+               batch_size: int = 256):
+    from fszjax.models.two_tower import TwoTower
+
+    self.model, self.params, self.tokenizer = model, params, tokenizer
+    self.max_len = max_len or model.txt.max_len
+    self.batch_size = batch_size
+    self._img = jax.jit(lambda p, x: model.apply({"params": p}, x, method=TwoTower.encode_image))
+    self._txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method=TwoTower.encode_text))
+
+  def _batched(self, fn, x):
+    n = len(x)
+    if n == 0:
+      raise ValueError("nothing to encode")
+    outs = []
+    bs = self.batch_size
+    for i in range(0, n, bs):
+      chunk = np.asarray(x[i:i + bs])
+      pad = bs - len(chunk) if n > bs else 0
+      if pad:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+      out = np.asarray(fn(self.params, chunk))
+      outs.append(out[: len(out) - pad] if pad else out)
+    return np.concatenate(outs)
+
+  def images(self, images) -> np.ndarray:
+    return self._batched(self._img, images)
+
+  def tokens(self, tokens) -> np.ndarray:
+    return self._batched(self._txt, tokens)
+
+  def texts(self, texts: list[str]) -> np.ndarray:
+    if self.tokenizer is None:
+      raise ValueError("encoding text needs a tokenizer")
+    return self.tokens(self.tokenizer.encode(list(texts), self.max_len))
+
+
+def evaluate_split(encoder: Encoder, arrays: dict, templates: Sequence[str],
+                   retrieval: bool = True) -> tuple[dict, dict | None]:
+  """Zero-shot (and class-name retrieval) metrics on one split's arrays
+  (``image``, ``label``, ``class_names``). Labels index ``class_names``; classes absent
+  from the split are still candidates (the task is over the split's class list)."""
+  zimg = encoder.images(arrays["image"])
+  names = list(arrays["class_names"])
+  classifier = zero_shot_classifier(encoder.texts, names, templates)
+  zs = topk_accuracy(zimg, classifier, arrays["label"])
+  ret = None
+  if retrieval:
+    present = np.unique(arrays["label"])
+    ztxt = encoder.texts([names[c] for c in present])
+    ret = retrieval_metrics(zimg, ztxt, arrays["label"], present)
+  return zs, ret
+
+
+def _remap_to_present(arrays: dict) -> dict:
+  """Restricts the class list to the classes present in the split (labels renumbered)."""
+  labels = np.asarray(arrays["label"])
+  present = np.unique(labels)
+  remap = -np.ones(int(present.max()) + 1, np.int64)
+  remap[present] = np.arange(len(present))
+  out = dict(arrays)
+  out["label"] = remap[labels]
+  out["class_names"] = [arrays["class_names"][c] for c in present]
+  return out
+
+
+def run_evaluators(config, model, params, tokenizer=None, splits=None, arrays_cache=None,
+                   max_examples: int | None = None) -> dict:
+  """Zero-shot + retrieval on the config's eval splits. Returns the summary-format dict
+  ``{"zeroshot": {split: {...}}, "retrieval": {split: {...}}}``."""
+  from fszjax.data import pipeline
+
+  dcfg = config.data
+  ecfg = config.get("eval", None)
+  splits = list(splits or (ecfg.splits if ecfg is not None and "splits" in ecfg else dcfg.eval_splits))
+  max_examples = max_examples or (ecfg.get("max_examples", None) if ecfg is not None else None)
+  tokenizer = tokenizer or pipeline.get_tokenizer(dcfg)
+  templates = list(pipeline.prompt_templates(dcfg))
+  encoder = Encoder(model, params, tokenizer, max_len=config.model.text.max_len,
+                    batch_size=int(ecfg.get("batch_size", 256)) if ecfg is not None else 256)
+  out = {"zeroshot": {}, "retrieval": {}}
+  cache = arrays_cache if arrays_cache is not None else {}
+  for split in splits:
+    if split not in cache:
+      cache[split] = _remap_to_present(pipeline.load_split_arrays(dcfg, split, max_examples))
+    zs, ret = evaluate_split(encoder, cache[split], templates)
+    out["zeroshot"][split] = zs
+    if ret is not None:
+      out["retrieval"][split] = ret
+  return out

@@ -1,0 +1,111 @@
+"""`fszjax pretrain` and `fszjax eval`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+
+def _logging():
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      datefmt="%H:%M:%S")
+  for noisy in ("absl", "orbax", "jax._src", "tensorflow"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _cmd_pretrain(args, overrides) -> int:
+  from fszjax import config as config_lib
+  from fszjax import pretrain
+
+  _logging()
+  cfg = config_lib.load_config(args.config, overrides)
+  if args.fresh and os.path.isdir(args.workdir):
+    import shutil
+
+    shutil.rmtree(args.workdir)
+  summary = pretrain.train(cfg, args.workdir, stop_at=args.stop_at)
+  if summary.get("stopped_early"):
+    return 0
+  zs = summary.get("zeroshot", {})
+  for split, m in zs.items():
+    print(f"zero-shot {split}: top1={m['top1']:.3f} (chance {m['chance']:.4f}, "
+          f"{m['num_classes']} classes, {m['num_examples']} images)")
+  print(f"summary: {os.path.join(args.workdir, 'summary.json')}")
+  return 0
+
+
+def evaluate_checkpoint(workdir: str | None, checkpoint: str | None, overrides=(), devices=None,
+                        out_path: str | None = None) -> dict:
+  """Restores a checkpoint on this machine's mesh and runs the evaluators."""
+  import jax
+
+  from fszjax import checkpoint as ckpt_lib
+  from fszjax import config as config_lib
+  from fszjax import evaluate, pretrain, sharding
+
+  src = checkpoint or workdir
+  if src is None:
+    raise config_lib.ConfigError("pass --workdir or --checkpoint")
+  step_dir = ckpt_lib.resolve_step_dir(src)
+  cfg_path = None
+  for cand in (os.path.join(step_dir, "config", "metadata"), os.path.join(step_dir, "config")):
+    if os.path.isfile(cand):
+      cfg_path = cand
+      break
+  if workdir and os.path.isfile(os.path.join(workdir, "config.json")):
+    cfg = config_lib.load_config(os.path.join(workdir, "config.json"), overrides)
+  elif cfg_path:
+    import ml_collections
+
+    with open(cfg_path) as f:
+      cfg = ml_collections.ConfigDict(json.load(f))
+    for k, v in overrides:
+      config_lib.apply_override(cfg, k, v)
+  else:
+    raise ckpt_lib.CheckpointError(f"no config found next to {step_dir}")
+  # The current machine's mesh: all local devices on the batch axes unless overridden.
+  keys = {k for k, _ in overrides}
+  if not any(k.startswith("mesh.") for k in keys):
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
+  mesh = sharding.mesh_from_config(cfg.mesh, devices=devices)
+  rules = sharding.rules_from_config(cfg)
+  abstract = pretrain.state_shardings(cfg, mesh, rules)
+  step = int(os.path.basename(step_dir))
+  ckpt = ckpt_lib.Checkpointer(os.path.dirname(step_dir), read_only=True)
+  step, state = ckpt.restore(abstract, step=step)
+  model = pretrain.build_model(cfg.model)
+  with jax.set_mesh(mesh):
+    result = evaluate.run_evaluators(cfg, model, state.params)
+  result = {"steps": step, **result}
+  out_path = out_path or os.path.join(workdir or os.path.dirname(os.path.dirname(step_dir)),
+                                      "eval.json")
+  if jax.process_index() == 0:
+    with open(out_path, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def _cmd_eval(args, overrides) -> int:
+  _logging()
+  result = evaluate_checkpoint(args.workdir, args.checkpoint, overrides, out_path=args.out)
+  for split, m in result["zeroshot"].items():
+    print(f"zero-shot {split}: top1={m['top1']:.3f} top5={m['top5']:.3f} "
+          f"(chance {m['chance']:.4f})")
+  return 0
+
+
+def add_parsers(sub) -> None:
+  p = sub.add_parser("pretrain", help="contrastive pretraining (resumes from the workdir)")
+  p.add_argument("--config", required=True, help="config file, e.g. configs/glyphs.py")
+  p.add_argument("--workdir", required=True, help="output directory (checkpoints, metrics)")
+  p.add_argument("--fresh", action="store_true", help="delete the workdir first")
+  p.add_argument("--stop_at", type=int, default=None,
+                 help="save and stop after this step, as a preemption would")
+  p.set_defaults(func=_cmd_pretrain)
+
+  e = sub.add_parser("eval", help="restore a checkpoint and run the evaluators")
+  e.add_argument("--workdir", default=None)
+  e.add_argument("--checkpoint", default=None, help="checkpoint step directory (default: latest)")
+  e.add_argument("--out", default=None, help="output JSON (default WORKDIR/eval.json)")
+  e.set_defaults(func=_cmd_eval)
