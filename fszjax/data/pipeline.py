@@ -27,6 +27,7 @@ import os
 import threading
 from typing import Any, Callable, Sequence
 
+import grain
 import numpy as np
 
 from fszjax.data import glyphs as glyphs_lib
@@ -544,82 +545,78 @@ def _batch_items(items: list[dict]) -> dict[str, np.ndarray]:
   return {k: np.stack([it[k] for it in items]) for k in items[0]}
 
 
-def _make_counting_batch_dataset(parent, batch_size: int, drop_remainder: bool):
-  import grain  # noqa: PLC0415
+class _CountingBatchIterator(grain.DatasetIterator):
+  """Batches elements, dropping skip markers and reporting how many in `_skipped`."""
 
-  class _CountingBatchIterator(grain.DatasetIterator):
-    """Batches elements, dropping skip markers and reporting how many in `_skipped`."""
+  def __init__(self, parent_it, batch_size: int, drop_remainder: bool):
+    super().__init__(parent_it)
+    self._batch_size = batch_size
+    self._drop_remainder = drop_remainder
 
-    def __init__(self, parent_it):
-      super().__init__(parent_it)
+  def __next__(self):
+    items, skipped = [], 0
+    while len(items) < self._batch_size:
+      try:
+        x = next(self._parent)
+      except StopIteration:
+        if items and not self._drop_remainder:
+          break
+        raise
+      if _SKIP in x:
+        skipped += 1
+        continue
+      items.append(x)
+    batch = _batch_items(items)
+    batch["_skipped"] = np.int32(skipped)
+    return batch
 
-    def __next__(self):
-      items, skipped = [], 0
-      while len(items) < batch_size:
-        try:
-          x = next(self._parent)
-        except StopIteration:
-          if items and not drop_remainder:
-            break
-          raise
-        if _SKIP in x:
-          skipped += 1
-          continue
-        items.append(x)
-      batch = _batch_items(items)
-      batch["_skipped"] = np.int32(skipped)
-      return batch
+  def get_state(self):
+    return self._parent.get_state()
 
-    def get_state(self):
-      return self._parent.get_state()
-
-    def set_state(self, state):
-      self._parent.set_state(state)
-
-  class _CountingBatchDataset(grain.IterDataset):
-
-    def __init__(self, p):
-      super().__init__(p)
-
-    def __iter__(self):
-      return _CountingBatchIterator(self._parent.__iter__())
-
-    def __str__(self):
-      return f"CountingBatch(batch_size={batch_size}, drop_remainder={drop_remainder})"
-
-  return _CountingBatchDataset(parent)
+  def set_state(self, state):
+    self._parent.set_state(state)
 
 
-def _make_train_iterator_class():
-  import grain  # noqa: PLC0415
+class CountingBatchDataset(grain.IterDataset):
+  """`IterDataset` of batches (dicts of stacked arrays) that skips undecodable examples.
 
-  class TrainIterator(grain.DatasetIterator):
-    """Infinite iterator of numpy batches with exact, checkpointable state.
+  Each batch carries `_skipped`: how many examples were dropped while filling it.
+  """
 
-    `num_skipped` counts undecodable images skipped so far (part of the state).
-    """
+  def __init__(self, parent, batch_size: int, drop_remainder: bool = True):
+    super().__init__(parent)
+    self._batch_size = int(batch_size)
+    self._drop_remainder = bool(drop_remainder)
 
-    def __init__(self, parent_it, batch_size: int):
-      super().__init__(parent_it)
-      self.num_skipped = 0
-      self.batch_size = batch_size
+  def __iter__(self):
+    return _CountingBatchIterator(self._parent.__iter__(), self._batch_size, self._drop_remainder)
 
-    def __next__(self):
-      batch = next(self._parent)
-      self.num_skipped += int(batch.pop("_skipped"))
-      return batch
-
-    def get_state(self):
-      return {"pipeline": self._parent.get_state(), "num_skipped": int(self.num_skipped)}
-
-    def set_state(self, state):
-      self._parent.set_state(state["pipeline"])
-      self.num_skipped = int(state.get("num_skipped", 0))
-
-  return TrainIterator
+  def __str__(self):
+    return f"CountingBatchDataset(batch_size={self._batch_size}, drop_remainder={self._drop_remainder})"
 
 
-_TRAIN_ITERATOR_CLS = None
+class TrainIterator(grain.DatasetIterator):
+  """Infinite iterator of numpy batches with exact, checkpointable state.
+
+  `num_skipped` counts undecodable images skipped so far (part of the state).
+  """
+
+  def __init__(self, parent_it, batch_size: int):
+    super().__init__(parent_it)
+    self.num_skipped = 0
+    self.batch_size = batch_size
+
+  def __next__(self):
+    batch = next(self._parent)
+    self.num_skipped += int(batch.pop("_skipped"))
+    return batch
+
+  def get_state(self):
+    return {"pipeline": self._parent.get_state(), "num_skipped": int(self.num_skipped)}
+
+  def set_state(self, state):
+    self._parent.set_state(state["pipeline"])
+    self.num_skipped = int(state.get("num_skipped", 0))
 
 
 def _seed32(*parts) -> int:
@@ -641,8 +638,6 @@ def _process_info(process_index, process_count) -> tuple[int, int]:
 def make_train_dataset(data_cfg, *, global_batch: int, seed: int, process_index: int | None = None,
                        process_count: int | None = None, tokenizer=None):
   """The grain `IterDataset` behind `make_train_iterator` (batches carry a `_skipped` count)."""
-  import grain  # noqa: PLC0415
-
   pi, pc = _process_info(process_index, process_count)
   if global_batch % pc:
     raise DataError(f"global batch {global_batch} is not divisible by {pc} processes; use a multiple of {pc}")
@@ -668,7 +663,7 @@ def make_train_dataset(data_cfg, *, global_batch: int, seed: int, process_index:
   read = grain.ReadOptions(num_threads=int(cfg0.get("num_threads") or 0),
                            prefetch_buffer_size=int(cfg0.get("prefetch_buffer_size") or 16))
   it_ds = ds.to_iter_dataset(read)
-  it_ds = _make_counting_batch_dataset(it_ds, per_process, drop_remainder=True)
+  it_ds = CountingBatchDataset(it_ds, per_process, drop_remainder=True)
   workers = int(cfg0.get("num_workers") or 0)
   if workers > 0:
     from absl import flags  # noqa: PLC0415  (grain's worker processes read absl flags)
@@ -691,12 +686,9 @@ def make_train_iterator(data_cfg, *, global_batch: int, seed: int, process_index
   `CheckpointRestore(it)` save it in an Orbax checkpoint. `num_skipped` counts
   undecodable images.
   """
-  global _TRAIN_ITERATOR_CLS
-  if _TRAIN_ITERATOR_CLS is None:
-    _TRAIN_ITERATOR_CLS = _make_train_iterator_class()
   it_ds, per_process = make_train_dataset(data_cfg, global_batch=global_batch, seed=seed,
                                           process_index=process_index, process_count=process_count)
-  return _TRAIN_ITERATOR_CLS(iter(it_ds), per_process)
+  return TrainIterator(iter(it_ds), per_process)
 
 
 # ----------------------------------------------------------------------------- evaluation
