@@ -455,6 +455,9 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         row["examples_per_sec"] = steps_since * config.batch_size / (now - t_last)
         t_last, steps_since = now, 0
         progress.update(0, loss=row["loss"])
+        if is_main and not config.get("progress", True):
+          log.info("step %d/%d loss %.4f i2t_acc %.3f lr %.2e %.1f ex/s", step, total, row["loss"],
+                   row["i2t_acc"], row["lr"], row["examples_per_sec"])
       eval_metrics = None
       if eval_every and (step % eval_every == 0 or step == total):
         evals = run_eval()

@@ -1,0 +1,35 @@
+"""CLIP ViT-B/16 (softmax loss) for TPU pods / GPU clusters on a TFDS image-text dataset.
+
+Architecture as open_clip's ViT-B-16 (class-token pooling, ln_pre, bias-free patch
+embedding and projections, a causal 512-wide text tower over 77 tokens with end-of-text
+pooling), so `fszjax convert to_open_clip` can export it.
+
+    fszjax pretrain --config configs/clip_b16.py --workdir gs://bucket/clip_b16
+"""
+
+import importlib.util
+import os
+
+
+def _siglip():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "siglip_b16.py")
+  spec = importlib.util.spec_from_file_location("fszjax_config_siglip_b16", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def get_config(arg=None):
+  c = _siglip().get_config(arg)
+  c.name = "clip_b16"
+  c.loss = "clip"
+  c.model.embed_dim = 512
+  c.model.logit_scale_init = 1 / 0.07
+  c.model.logit_bias = False
+  c.model.image.update(dict(pool="tok", ln_pre=True, patch_bias=False, proj_bias=False,
+                            act="gelu", ln_eps=1e-5))
+  c.model.text.update(dict(variant="M", vocab_size=49_408, max_len=77, pool="eot", causal=True,
+                           proj_bias=False, act="gelu", ln_eps=1e-5))
+  c.data.max_text_len = 77
+  c.optim.update(dict(lr=5e-4, wd=0.2, b2=0.98, eps=1e-6, warmup_steps=2_000))
+  return c

@@ -1,0 +1,22 @@
+"""LiT: locked-image tuning. The image tower is loaded from a checkpoint and frozen; only
+the text tower (and the logit scale/bias) learn.
+
+    fszjax pretrain --config configs/lit_b16.py --workdir W \
+        --config.init_from=/path/to/image_pretrained_workdir
+"""
+
+import importlib.util
+import os
+
+
+def get_config(arg=None):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "siglip_b16.py")
+  spec = importlib.util.spec_from_file_location("fszjax_config_siglip_b16", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config(arg)
+  c.name = "lit_b16"
+  c.init_from = ""  # required: a workdir/checkpoint holding an image tower of this shape
+  c.init_keys = "^img/"
+  c.optim.freeze = ["^img/"]
+  return c
