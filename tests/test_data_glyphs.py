@@ -1,7 +1,6 @@
 """The Glyphs builder on a reduced character set: split invariants, image validity, determinism."""
 
 import collections
-import os
 import shutil
 
 import numpy as np

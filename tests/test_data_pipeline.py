@@ -299,3 +299,22 @@ def test_catalog_datasets_through_the_pipeline(name, split, kw, tmp_path):
     assert a["image"].shape == (4, 16, 16, 3) and len(a["text"]) == 4
     if kw.get("label_key", "label"):
       assert a["class_names"] and (a["label"] < len(a["class_names"])).all()
+
+
+def test_worker_processes_give_the_same_batches_and_resume(gdata):
+  cfg = glyph_cfg(gdata)
+  threads = take(P.make_train_iterator(cfg, global_batch=8, seed=5, process_index=0, process_count=1), 3)
+  cfg.num_workers = 1
+  it = P.make_train_iterator(cfg, global_batch=8, seed=5, process_index=0, process_count=1)
+  try:
+    assert_same(take(it, 1), threads[:1])
+    state = it.get_state()
+    assert_same(take(it, 2), threads[1:])
+  finally:
+    it.close()
+  again = P.make_train_iterator(cfg, global_batch=8, seed=5, process_index=0, process_count=1)
+  try:
+    again.set_state(state)
+    assert_same(take(again, 2), threads[1:])
+  finally:
+    again.close()

@@ -53,7 +53,9 @@ def _losses(workdir):
 
 
 def _cli(args, env_extra=None):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+  # Same numerics as this process (conftest.py sets the matmul precision).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1",
+             JAX_DEFAULT_MATMUL_PRECISION="highest")
   env.update(env_extra or {})
   return [sys.executable, "-m", "fszjax.cli", "--cpu_devices", "8"] + args, env
 

@@ -64,7 +64,8 @@ def _prepare_tfds(name: str, data_dir: str | None, manual_dir: str | None) -> st
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
   except Exception as e:  # noqa: BLE001
     raise DataError(f"{name!r} is not a TFDS catalog dataset ({type(e).__name__}); check the name "
-                    "(tfds.list_builders()) or use `fszjax prepare folder/captions` for your own data") from None
+                    "(tfds.list_builders()) or use `fszjax prepare folder/captions` for your own "
+                    "data") from None
   config = tfds.download.DownloadConfig(manual_dir=os.path.abspath(manual_dir) if manual_dir else None)
   builder.download_and_prepare(download_config=config, file_format="array_record")
   return str(builder.data_dir)
@@ -87,7 +88,8 @@ def run_prepare(args, overrides: Sequence = ()) -> int:
     for split, s in meta["splits"].items():
       print(f"{split:14s} {s['num_examples']:9d} {s['num_classes']:8d} {len(s['fonts']):6d}")
     name = f"glyphs/{glyphs.config_name(options)}"
-    print(f"read it with --config.data.name={name} --config.data.data_dir={glyphs.default_data_dir(args.data_dir)}")
+    data_dir = glyphs.default_data_dir(args.data_dir)
+    print(f"read it with --config.data.name={name} --config.data.data_dir={data_dir}")
   elif args.what == "tfds":
     path = _prepare_tfds(args.name, args.data_dir, args.manual_dir)
     print(f"{args.name} prepared in {path} ({time.time() - start:.1f} s)")

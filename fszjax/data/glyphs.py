@@ -338,7 +338,8 @@ def config_name(options: GlyphsOptions) -> str:
   if options.max_chars is not None:
     name += f"_max{options.max_chars}"
   if options != default:
-    fonts = [(f.name, os.path.getsize(f.path)) for f in list_fonts(options.font_dirs, include_matplotlib=False)]
+    extra = list_fonts(options.font_dirs, include_matplotlib=False)
+    fonts = [(f.name, os.path.getsize(f.path)) for f in extra]
     blob = json.dumps([dataclasses.asdict(options), fonts], sort_keys=True, default=str)
     name += "_" + hashlib.sha1(blob.encode()).hexdigest()[:8]
   return name
@@ -518,7 +519,6 @@ def build_plan(options: GlyphsOptions = GlyphsOptions()) -> GlyphsPlan:
         "num_examples": len(pairs[s]),
         "num_classes": len({cp for cp, _ in pairs[s]}),
     }
-  label_of = {s: {cp: i for i, cp in enumerate(split_meta[s]["codepoints"])} for s in SPLITS}
   examples = {s: [(cp, f, images[cp, f]) for cp, f in pairs[s]] for s in SPLITS}
   metadata = {
       "version": VERSION,
@@ -531,7 +531,6 @@ def build_plan(options: GlyphsOptions = GlyphsOptions()) -> GlyphsPlan:
       "test_scripts": sorted({script[cp] for cp in scr_chars}),
       "splits": split_meta,
   }
-  del label_of
   return GlyphsPlan(examples=examples, metadata=metadata)
 
 

@@ -125,7 +125,8 @@ def read_manifest(path: str) -> dict[str, list[tuple[str, list[str]]]]:
   grouped: dict[str, dict[str, list[str]]] = {}
   for i, r in enumerate(rows):
     if len(r) < 2:
-      raise UserDataError(f"{path}: row {i + 1} has {len(r)} column(s); each row needs image_path and caption")
+      raise UserDataError(f"{path}: row {i + 1} has {len(r)} column(s); each row needs "
+                          "image_path and caption")
     img = r[0].strip()
     img = img if os.path.isabs(img) else os.path.join(base, img)
     split = r[2].strip() if len(r) > 2 and r[2].strip() else "train"

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -267,14 +267,16 @@ def _open(cfg: dict[str, Any], split: str) -> _Opened:
   if glyph_meta is not None:
     split_name = split.split("[")[0]
     if split_name not in glyph_meta["splits"]:
-      raise DataError(f"split {split!r} is not in {name}; available splits: {', '.join(glyph_meta['splits'])}")
+      available = ", ".join(glyph_meta["splits"])
+      raise DataError(f"split {split!r} is not in {name}; available splits: {available}")
     class_names = list(glyph_meta["splits"][split_name]["class_names"])
   else:
     class_names = _class_names_from_features(features, label_key)
   names_file = cfg.get("class_names_file")
   if names_file:
     if not os.path.exists(names_file):
-      raise DataError(f"data.class_names_file {names_file!r} not found; give a text file with one name per line")
+      raise DataError(f"data.class_names_file {names_file!r} not found; give a text file with one "
+                      "name per line")
     with open(names_file, encoding="utf-8") as f:
       class_names = [line.strip() for line in f if line.strip()]
   return _Opened(name, split, source, features, ddir, class_names, glyph_meta)
@@ -432,7 +434,9 @@ class ExampleProcessor:
       return options[int(rng.integers(len(options)))] if rng is not None else options[0]
     if self.class_names is None or label < 0:
       raise DataError("no text: set data.text_key, or data.label_key to a ClassLabel feature")
-    t = self.templates[int(rng.integers(len(self.templates)))] if (rng is not None and self.train) else self.templates[0]
+    t = self.templates[0]
+    if rng is not None and self.train:
+      t = self.templates[int(rng.integers(len(self.templates)))]
     return t.format(self.class_names[label])
 
   def __call__(self, ex: dict, rng: np.random.Generator | None = None):
@@ -527,7 +531,9 @@ def get_tokenizer(data_cfg) -> tokenizer_lib.Tokenizer:
   for (c, _), o in zip(comps, opened):
     texts += _training_texts(c, o, int(tcfg["max_texts"]))
   # Template words ("the character", "a photo of") get pieces too.
-  for t in tuple(_get(data_cfg, "prompt_templates", ()) or ()) + tuple(_get(data_cfg, "train_templates", ()) or ()):
+  templates = tuple(_get(data_cfg, "prompt_templates", ()) or ())
+  templates += tuple(_get(data_cfg, "train_templates", ()) or ())
+  for t in templates:
     if t.format("").strip():
       texts.append(t.format("").strip())
   tok = tokenizer_lib.train_sentencepiece(texts, None, int(tcfg["vocab_size"]), tcfg["model_type"])

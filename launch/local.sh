@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The main job on the embedded Glyphs dataset, end to end on one machine (CPU is fine):
+#   1. virtualenv + install (once)        4. few-shot adaptation + domain generalisation
+#   2. prepare Glyphs (once)              5. Conv-4 MAML from scratch (reference)
+#   3. pretrain + zero-shot evaluation    6. runs/<name>/report.md with figures
+# Rerunning reuses what is prepared or trained and resumes interrupted stages;
+# --fresh starts over. Environment: FSZJAX_VENV (.venv), FSZJAX_RUN (runs/glyphs),
+# FSZJAX_DATA (runs/data), PYTHON (python3). Extra arguments go to every fszjax call
+# (e.g. --cpu_devices 2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FRESH=0
+EXTRA=()
+for a in "$@"; do
+  if [[ "$a" == "--fresh" ]]; then FRESH=1; else EXTRA+=("$a"); fi
+done
+VENV=${FSZJAX_VENV:-.venv}
+RUN=${FSZJAX_RUN:-runs/glyphs}
+DATA=${FSZJAX_DATA:-runs/data}
+PY=${PYTHON:-python3}
+stamp="$VENV/.fszjax-installed"
+if [[ ! -x "$VENV/bin/python" ]]; then "$PY" -m venv "$VENV"; fi
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e .
+  touch "$stamp"
+fi
+export TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
+FSZ=("$VENV/bin/fszjax" "${EXTRA[@]+"${EXTRA[@]}"}")
+if [[ $FRESH == 1 ]]; then rm -rf "$RUN"; fi
+mkdir -p "$RUN"
+start=$(date +%s)
+
+echo "== 1/5 prepare Glyphs -> $DATA"
+"${FSZ[@]}" prepare glyphs --data_dir "$DATA"
+
+echo "== 2/5 pretrain (configs/glyphs.py) -> $RUN/pretrain"
+"${FSZ[@]}" pretrain --config configs/glyphs.py --workdir "$RUN/pretrain" \
+  --config.data.data_dir="$DATA" --config.progress=False
+
+if [[ -f configs/glyphs_fewshot.py ]]; then
+  echo "== 3/5 few-shot adaptation of the pretrained towers -> $RUN/adapt"
+  "${FSZ[@]}" adapt --config configs/glyphs_fewshot.py --workdir "$RUN/adapt" \
+    --config.init_from="$RUN/pretrain" --config.data.data_dir="$DATA"
+fi
+if [[ -f configs/glyphs_maml_conv4.py ]]; then
+  echo "== 4/5 Conv-4 MAML from scratch -> $RUN/maml_conv4"
+  "${FSZ[@]}" adapt --config configs/glyphs_maml_conv4.py --workdir "$RUN/maml_conv4" \
+    --config.data.data_dir="$DATA"
+fi
+
+echo "== 5/5 report -> $RUN/report.md"
+"$VENV/bin/python" -m fszjax.report --run "$RUN" --wall_time_s $(( $(date +%s) - start ))
+echo
+cat "$RUN/results_table.md" 2>/dev/null || true
+echo
+echo "report: $RUN/report.md"
