@@ -146,6 +146,17 @@ def validate(cfg) -> None:
     raise ConfigError("config.loss=siglip needs a logit bias: set --config.model.logit_bias=True")
   if "batch_size" in cfg and cfg.batch_size <= 0:
     raise ConfigError(f"config.batch_size={cfg.batch_size} must be positive")
+  if "data" in cfg and "model" in cfg:
+    d, m = cfg.data, cfg.model
+    for model_key, data_key in (("image.image_size", "image_size"), ("image.channels", "channels")):
+      mv = m.image.get(model_key.split(".")[1], None)
+      dv = d.get(data_key, None)
+      if mv and dv and mv != dv:
+        raise ConfigError(f"config.model.{model_key}={mv} but config.data.{data_key}={dv}; "
+                          "set both to the same value")
+    if d.get("max_text_len", 0) and d.max_text_len > m.text.max_len:
+      raise ConfigError(f"config.data.max_text_len={d.max_text_len} exceeds "
+                        f"config.model.text.max_len={m.text.max_len}; raise the latter")
   accum = cfg.get("grad_accum", 1)
   if "batch_size" in cfg and accum > 1 and cfg.batch_size % accum:
     raise ConfigError(f"config.batch_size={cfg.batch_size} is not divisible by "

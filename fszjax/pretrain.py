@@ -420,11 +420,18 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
     state, n = init_params_from(state, config.init_from, config.get("init_keys", ""))
     if is_main:
       log.info("initialised %d parameter arrays from %s", n, config.init_from)
+  # JAX's preemption sync point is 1 + the last step any process reported: report the
+  # start now, so a SIGTERM during the first (compiling) step of a resumed run still stops.
+  ckpt.reached_preemption(start)
 
   step_fn = make_train_step(model, tx, schedule, config, mesh, rules, state_shardings=state_sh)
   total = int(config.total_steps)
   log_every, eval_every = int(config.log_every), int(config.get("eval_every", 0) or 0)
   tokenizer = pipeline.get_tokenizer(config.data)
+  if tokenizer.vocab_size > config.model.text.vocab_size:
+    raise config_lib.ConfigError(
+        f"the tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size="
+        f"{config.model.text.vocab_size}; set it to {tokenizer.vocab_size}")
   eval_cache: dict = {}
 
   def run_eval():

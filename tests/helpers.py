@@ -14,6 +14,7 @@ TINY = [
     "--config.model.text.width=32", "--config.model.text.depth=1",
     "--config.model.text.mlp_dim=64", "--config.model.text.num_heads=2",
     "--config.model.text.vocab_size=64", "--config.model.text.max_len=8",
+    "--config.data.image_size=16", "--config.data.max_text_len=8",
     "--config.optim.warmup_steps=0", "--config.optim.lr=0.01", "--config.total_steps=10",
     # Adam's first steps divide by |g| + eps: with a tiny eps, gradients that are ~0 turn
     # float reduction-order noise (different on every mesh) into +-lr updates.
