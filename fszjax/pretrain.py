@@ -338,6 +338,7 @@ def init_params_from(state: TrainState, path: str, keys: str = "") -> tuple[Trai
   src_flat = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(src)[0]}
   reg = re.compile(keys) if keys else None
   copied = 0
+  missing: list[str] = []
 
   def one(p, x):
     nonlocal copied
@@ -348,6 +349,7 @@ def init_params_from(state: TrainState, path: str, keys: str = "") -> tuple[Trai
       if reg is not None:
         raise checkpoint.CheckpointError(
             f"init_from {path}: parameter {name} is missing there; adjust config.init_keys")
+      missing.append(name)
       return x
     v = np.asarray(src_flat[name])
     if v.shape != x.shape:
@@ -359,7 +361,15 @@ def init_params_from(state: TrainState, path: str, keys: str = "") -> tuple[Trai
 
   params = jax.tree_util.tree_map_with_path(one, state.params)
   if copied == 0:
-    raise checkpoint.CheckpointError(f"init_from {path}: no parameter matched {keys or 'any'}")
+    raise checkpoint.CheckpointError(f"init_from {path}: no parameter matched {keys or 'any'}; "
+                                     "check config.model.scan_layers matches the source")
+  if missing:
+    import logging
+
+    logging.getLogger("fszjax").warning(
+        "init_from %s: %d parameter arrays are not in the source and keep their initial "
+        "values (first: %s); a scanned vs per-block layout mismatch shows up this way",
+        path, len(missing), missing[0])
   return state.replace(params=params), copied
 
 

@@ -12,7 +12,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  "$VENV/bin/python" -m pip install -q -e ".[test,interop]"
   touch "$stamp"
 fi
 export JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=3

@@ -520,6 +520,12 @@ def get_tokenizer(data_cfg) -> tokenizer_lib.Tokenizer:
   gets the same model.
   """
   tcfg = _to_plain(_get(data_cfg, "tokenizer"))
+  if tcfg.get("kind") not in (None, "", "sentencepiece"):
+    from fszjax.convert import tokenizers as converted  # noqa: PLC0415
+
+    tok = converted.from_config(tcfg)
+    if tok is not None:
+      return tok
   if tcfg.get("path"):
     return tokenizer_lib.load_tokenizer(tcfg["path"])
   comps = _components(data_cfg)

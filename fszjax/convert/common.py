@@ -1,0 +1,392 @@
+"""Shared pieces of the weight converters: reading weight files safely, flat param trees,
+scanned/unscanned block layouts, and writing a converted model as a fszjax workdir.
+
+A converted directory has the layout of a pretraining workdir, so `fszjax eval`,
+``config.init_from`` and `fszjax.load` accept it:
+
+  OUT/config.json                 the full fszjax config (model + data sections)
+  OUT/checkpoints/0/              Orbax checkpoint: TrainState (converted params, fresh
+                                  optimizer state for ``config.optim``, step 0) + config
+  OUT/tokenizer/...               the tokenizer file the config points at
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from fszjax.errors import UserError
+
+
+class ConvertError(UserError):
+  """Weights, architecture or output directory are wrong; the message names the fix."""
+
+
+Flat = dict[str, np.ndarray]
+
+# Non-weight entries some checkpoints carry (OpenAI's TorchScript state dicts, buffers).
+IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str) -> Flat:
+  """A safetensors file as ``{name: array}`` (memory-mapped; BF16 via ml_dtypes).
+
+  Parsed directly (8-byte header length, JSON header, raw little-endian data) because
+  safetensors' numpy backend cannot represent bfloat16.
+  """
+  try:
+    with open(path, "rb") as f:
+      n = int.from_bytes(f.read(8), "little")
+      if n <= 0 or n > os.path.getsize(path):
+        raise ValueError("bad header length")
+      header = json.loads(f.read(n))
+  except (OSError, ValueError) as e:
+    raise ConvertError(f"{path} is not a readable safetensors file ({e}); pass the .safetensors "
+                       "or .pt/.bin weights open_clip saved") from None
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    dtype = info["dtype"]
+    if dtype == "BF16":
+      import ml_dtypes  # noqa: PLC0415  (a JAX dependency)
+
+      np_dtype = np.dtype(ml_dtypes.bfloat16)
+    elif dtype in _SAFETENSORS_DTYPES:
+      np_dtype = np.dtype(_SAFETENSORS_DTYPES[dtype])
+    else:
+      raise ConvertError(f"{path}: tensor {name} has dtype {dtype}, which fszjax cannot read; "
+                         "re-save the weights in float32/float16/bfloat16")
+    start, end = info["data_offsets"]
+    out[name] = data[start:end].view(np_dtype).reshape(info["shape"])
+  return out
+
+
+def _torch_to_numpy(t) -> np.ndarray:
+  import torch  # noqa: PLC0415
+
+  t = t.detach().cpu()
+  if t.dtype == torch.bfloat16:
+    import ml_dtypes  # noqa: PLC0415
+
+    return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return t.numpy()
+
+
+def read_torch(path: str) -> Flat:
+  """A PyTorch state dict (``.pt``/``.bin``/``.pth``) read with ``weights_only=True``.
+
+  Training checkpoints (``{"state_dict": ...}``) and DDP ``module.`` prefixes are
+  unwrapped. Pickles that need arbitrary code (custom classes, TorchScript) are refused.
+  """
+  try:
+    import torch  # noqa: PLC0415
+  except ImportError:
+    raise ConvertError(f"reading {path} needs PyTorch: `pip install fszjax[interop]`, or convert "
+                       "the weights to .safetensors") from None
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic == b"PK\x03\x04":
+    import zipfile  # noqa: PLC0415
+
+    with zipfile.ZipFile(path) as z:
+      if any(n.endswith("/constants.pkl") or n.endswith("code/__torch__.py") for n in z.namelist()):
+        raise ConvertError(f"{path} is a TorchScript archive (e.g. OpenAI's original .pt), which "
+                           "needs code execution to read; load it once with open_clip and save "
+                           "model.state_dict() with safetensors.torch.save_file")
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else "unsafe pickle"
+    raise ConvertError(f"refusing to unpickle {path}: it needs arbitrary code ({first}); fszjax "
+                       "reads only plain tensors - save the state dict with "
+                       "safetensors.torch.save_file(model.state_dict(), 'w.safetensors')") from None
+  except (RuntimeError, OSError, EOFError) as e:
+    raise ConvertError(f"cannot read {path} as PyTorch weights ({str(e).splitlines()[0][:160]}); "
+                       "pass a .safetensors or torch.save'd state dict") from None
+  if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+    obj = obj["state_dict"]
+  if not isinstance(obj, Mapping):
+    raise ConvertError(f"{path} holds a {type(obj).__name__}, not a state dict; save "
+                       "model.state_dict() instead of the model")
+  out = {}
+  for k, v in obj.items():
+    if isinstance(v, torch.Tensor):
+      out[str(k)] = _torch_to_numpy(v)
+  if out and all(k.startswith("module.") for k in out):
+    out = {k[len("module."):]: v for k, v in out.items()}
+  return out
+
+
+def read_weights(path: str) -> Flat:
+  """``{name: array}`` from a .safetensors, .npz or PyTorch file (never arbitrary pickle)."""
+  if not os.path.isfile(path):
+    raise ConvertError(f"weights file {path} not found; pass --weights with an existing file")
+  if path.endswith(".safetensors"):
+    return read_safetensors(path)
+  if path.endswith(".npz") or path.endswith(".npy"):
+    return read_npz(path)
+  return read_torch(path)
+
+
+def read_npz(path: str) -> Flat:
+  """An .npz archive as ``{name: array}`` (``allow_pickle=False``: object arrays refused)."""
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  except ValueError as e:
+    raise ConvertError(f"refusing to read {path}: {str(e).splitlines()[0][:160]}; save the "
+                       "params with numeric arrays only (np.savez)") from None
+  except (OSError, EOFError) as e:
+    raise ConvertError(f"{path} is not a readable .npz ({e}); pass the big_vision checkpoint "
+                       ".npz") from None
+
+
+# ----------------------------------------------------------------------------- trees
+
+
+def flatten(tree: Mapping, prefix: str = "") -> Flat:
+  """Nested dict -> ``{"a/b/c": leaf}``."""
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(flatten(v, key + "/"))
+    else:
+      out[key] = v
+  return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  """``{"a/b/c": leaf}`` -> nested dict."""
+  out: dict = {}
+  for k, v in flat.items():
+    node = out
+    parts = k.split("/")
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = v
+  return out
+
+
+_BLOCK = re.compile(r"^(.*)/encoder/block_(\d+)/(.*)$")
+_BLOCKS = re.compile(r"^(.*)/encoder/blocks/(.*)$")
+
+
+def stack_blocks(flat: Flat) -> Flat:
+  """Unscanned ``.../encoder/block_i/...`` -> scanned ``.../encoder/blocks/...`` (axis 0)."""
+  groups: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+  out = {}
+  for k, v in flat.items():
+    m = _BLOCK.match(k)
+    if m:
+      groups.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = v
+    else:
+      out[k] = v
+  for (tower, rest), layers in groups.items():
+    out[f"{tower}/encoder/blocks/{rest}"] = np.stack([layers[i] for i in range(len(layers))])
+  return out
+
+
+def unstack_blocks(flat: Flat) -> Flat:
+  """Scanned ``.../encoder/blocks/...`` -> ``.../encoder/block_i/...``."""
+  out = {}
+  for k, v in flat.items():
+    m = _BLOCKS.match(k)
+    if m:
+      for i in range(v.shape[0]):
+        out[f"{m.group(1)}/encoder/block_{i}/{m.group(2)}"] = np.asarray(v[i])
+    else:
+      out[k] = v
+  return out
+
+
+def expected_param_shapes(config) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """``{path: (shape, dtype)}`` of the params `build_model(config.model)` creates."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from flax import linen as nn  # noqa: PLC0415
+
+  from fszjax import pretrain  # noqa: PLC0415
+  from fszjax.models.two_tower import build_model  # noqa: PLC0415
+
+  model = build_model(config.model)
+  img_shape, tok_shape = pretrain.input_shapes(config)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(img_shape, jnp.float32),
+                                               jnp.zeros(tok_shape, jnp.int32))["params"])
+  return {k: (tuple(v.shape), v.dtype) for k, v in flatten(nn.unbox(abstract)).items()}
+
+
+def fit_to_model(flat: Flat, config, source: str) -> Flat:
+  """Casts converted params to the model's dtypes and checks every path and shape (scanned
+  layouts are stacked when ``config.model.scan_layers``)."""
+  if config.model.get("scan_layers", False):
+    flat = stack_blocks(flat)
+  expected = expected_param_shapes(config)
+  for k, (shape, _) in expected.items():
+    if k not in flat:
+      raise ConvertError(f"{source}: the converted params lack {k} {shape}; the architecture "
+                         "options are not supported by this converter")
+    if tuple(flat[k].shape) != shape:
+      raise ConvertError(f"{source}: {k} converts to shape {tuple(flat[k].shape)} but the fszjax "
+                         f"model expects {shape}; the architecture options are not supported")
+  extra = sorted(set(flat) - set(expected))
+  if extra:
+    raise ConvertError(f"{source}: converted param {extra[0]} has no place in the fszjax model; "
+                       "the architecture options are not supported by this converter")
+  return {k: np.asarray(flat[k]).astype(expected[k][1]) for k in expected}
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def base_config():
+  """The full default fszjax config (every key `fszjax pretrain/eval` read), to receive a
+  converted model and data section."""
+  import ml_collections  # noqa: PLC0415
+
+  from fszjax import config as config_lib  # noqa: PLC0415
+
+  repo_cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "configs", "glyphs.py")
+  if os.path.isfile(repo_cfg):
+    cfg = config_lib.load_config_file(repo_cfg)
+  else:  # installed without the repository's configs/: the same keys, spelled out
+    cfg = ml_collections.ConfigDict()
+    cfg.name, cfg.seed = "converted", 0
+    cfg.model = ml_collections.ConfigDict(dict(
+        dtype="float32", param_dtype="float32", attn_impl="", scan_layers=False, remat="none"))
+    cfg.loss, cfg.loss_chunked = "clip", True
+    cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    cfg.sharding_rules = [
+        ["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["mlp", "tensor"], ["heads", "tensor"],
+        ["kv", None], ["vocab", None], ["layers", None], ["norm", None], ["seq", None],
+        ["patch", None], ["proj", None], ["act_seq", None], ["act_embed", None],
+        ["act_mlp", "tensor"], ["act_heads", "tensor"], ["act_kv", None]]
+    cfg.batch_size, cfg.grad_accum, cfg.total_steps = 256, 1, 1000
+    cfg.optim = ml_collections.ConfigDict(dict(
+        lr=1e-5, wd=1e-4, b1=0.9, b2=0.98, eps=1e-6, warmup_steps=100, schedule="cosine",
+        min_lr_ratio=0.0, clip_norm=1.0, freeze=[]))
+    cfg.log_every, cfg.eval_every = 20, 250
+    cfg.eval = ml_collections.ConfigDict(dict(splits=(), max_examples=2000, batch_size=256))
+    cfg.checkpoint = ml_collections.ConfigDict(dict(
+        save_every=250, keep=2, best_metric="", best_mode="max", async_save=True))
+    cfg.progress, cfg.init_from, cfg.init_keys = True, "", ""
+  # Fine-tuning defaults for a pretrained model (the glyphs values suit training from scratch).
+  cfg.optim.lr, cfg.optim.b2, cfg.optim.eps = 1e-5, 0.98, 1e-6
+  cfg.checkpoint.best_metric = ""
+  return cfg
+
+
+def converted_data_config(image_size: int, mean, std, max_len: int, tokenizer: dict,
+                          templates=None):
+  """A data section for an imported model: RGB at the model's resolution and normalisation,
+  its text length and tokenizer. The dataset defaults to imagenet2012; pick another with
+  ``--config.data.name=...`` when evaluating."""
+  from fszjax.data import defaults  # noqa: PLC0415
+
+  d = defaults.tfds_data_config("imagenet2012", image_size=int(image_size))
+  d.mean, d.std = tuple(float(x) for x in mean), tuple(float(x) for x in std)
+  d.max_text_len = int(max_len)
+  with d.tokenizer.ignore_type():
+    for k, v in tokenizer.items():
+      d.tokenizer[k] = v
+  if templates is not None:
+    d.prompt_templates = tuple(templates)
+  return d
+
+
+def inference_section(resize_mode: str, interpolation: str, source: str, **extra):
+  """How `fszjax.load(...).preprocess` prepares raw images (not read by training/eval)."""
+  import ml_collections  # noqa: PLC0415
+
+  return ml_collections.ConfigDict(dict(resize_mode=resize_mode, interpolation=interpolation,
+                                        source=source, **extra))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _host_device():
+  """The device a conversion runs on: the host CPU when JAX has one (host memory is the
+  largest and a checkpoint written from one device restores onto any mesh)."""
+  import jax  # noqa: PLC0415
+
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:
+    return jax.devices()[0]
+
+
+def save_converted(out_dir: str, config, flat_params: Flat,
+                   extra_files: Mapping[str, Callable[[str], Any]] = (),
+                   overwrite: bool = False) -> str:
+  """Writes ``config`` and a step-0 TrainState holding ``flat_params`` as a fszjax workdir.
+
+  Everything goes to a temporary sibling directory first and is renamed into place at the
+  end, so a failure leaves no half-written output. ``extra_files`` maps a relative path
+  to a writer ``fn(abs_path)`` (e.g. the tokenizer). Returns the absolute output path.
+  """
+  import jax  # noqa: PLC0415
+
+  from fszjax import checkpoint as ckpt_lib  # noqa: PLC0415
+  from fszjax import config as config_lib  # noqa: PLC0415
+  from fszjax import pretrain, sharding  # noqa: PLC0415
+
+  out_dir = os.path.abspath(os.path.expanduser(out_dir))
+  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    if not overwrite:
+      raise ConvertError(f"{out_dir} already exists and is not empty; pass a new --out or "
+                         "--overwrite")
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  try:
+    for rel, writer in dict(extra_files).items():
+      path = os.path.join(tmp, rel)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      writer(path)
+    mesh = sharding.make_mesh(1, 1, 1, devices=[_host_device()])
+    rules = sharding.rules_from_config(config)
+    abstract = pretrain.state_shardings(config, mesh, rules)
+    targets = flatten(abstract.params)
+    if set(targets) != set(flat_params):
+      missing = sorted(set(targets) ^ set(flat_params))[0]
+      raise ConvertError(f"converted params and the model disagree at {missing}; check the config")
+    params = unflatten({k: jax.device_put(np.asarray(v, targets[k].dtype), targets[k].sharding)
+                        for k, v in flat_params.items()})
+    tx, _ = pretrain.make_optimizer(config.optim, config.total_steps,
+                                    tuple(config.optim.get("freeze", ()) or ()))
+    opt_state = jax.jit(tx.init, out_shardings=sharding.shardings_of(abstract.opt_state))(params)
+    rng = jax.device_put(np.asarray(jax.random.key_data(jax.random.key(int(config.seed)))),
+                         abstract.rng.sharding)
+    step = jax.device_put(np.zeros((), np.int32), abstract.step.sharding)
+    state = pretrain.TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(tmp, "checkpoints"), async_save=False, keep=1)
+    ckpt.save(0, state, config=config, force=True)
+    ckpt.close()
+    config_lib.save_config(config, os.path.join(tmp, "config.json"))
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out_dir
