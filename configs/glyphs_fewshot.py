@@ -1,0 +1,30 @@
+"""Few-shot adaptation of the pretrained Glyphs towers + domain generalisation on held-out fonts.
+
+    fszjax adapt --config configs/glyphs_fewshot.py --workdir runs/glyphs/adapt \
+        --config.init_from=runs/glyphs/pretrain
+"""
+
+import ml_collections
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.name = "glyphs_fewshot"
+  c.seed = 0
+  c.init_from = ""  # the pretraining workdir (its config.json gives model + data)
+  c.data = ml_collections.ConfigDict({"data_dir": ""})  # overrides the pretrain run's data_dir
+  c.fewshot = ml_collections.ConfigDict(dict(
+      backbone="towers",
+      splits=["test_classes", "test_scripts", "test_fonts", "test_both"],
+      settings=["5way1shot", "5way5shot", "20way1shot"],
+      episodes=600, q_query=5, episode_batch=200,
+      max_examples=0,  # 0 = the whole split
+      head_steps=10, head_lr=0.5,  # zero-shot head adaptation (SGD on the support set)
+      probe_steps=100, probe_lr=1.0,  # linear probe from zeros
+  ))
+  c.fewshot.dg = ml_collections.ConfigDict(dict(
+      enabled=True, splits=["test_fonts", "test_both"], settings=["5way1shot", "5way5shot"],
+      steps=300, batch_size=256, lr=1e-3, mldg_alpha=0.1, mldg_beta=1.0,
+      mldg_first_order=False, wise_alphas=[0.25, 0.5, 0.75], max_train_examples=0))
+  return c

@@ -1,0 +1,34 @@
+"""Conv-4 MAML from scratch on Glyphs (the MAML paper's Omniglot model), for reference.
+
+    fszjax adapt --config configs/glyphs_maml_conv4.py --workdir runs/glyphs/maml_conv4
+
+One model serves every N-way setting: the head starts from zeros for each task (so task
+labels are interchangeable) and is adapted with the rest in the inner loop.
+"""
+
+import ml_collections
+
+from fszjax.data.defaults import glyphs_data_config
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.name = "glyphs_maml_conv4"
+  c.seed = 0
+  c.init_from = ""
+  c.data = glyphs_data_config()
+  c.data.augment.affine = False
+  c.log_every = 25
+  c.checkpoint = ml_collections.ConfigDict(dict(save_every=100, keep=2))
+  c.fewshot = ml_collections.ConfigDict(dict(
+      backbone="conv4", image_size=28,
+      splits=["test_classes", "test_scripts", "test_fonts", "test_both"],
+      settings=["5way1shot", "5way5shot", "20way1shot"],
+      episodes=600, q_query=5, episode_batch=100, max_examples=0, max_train_examples=0))
+  c.fewshot.meta = ml_collections.ConfigDict(dict(
+      algorithm="maml", train_setting="5way1shot", q_query=5, meta_batch=32, steps=600,
+      inner_steps=5, inner_lr=0.4, eval_inner_steps=10, outer_lr=1e-3, first_order=False,
+      head_init="zeros", hidden=64, task_chunk=8, formulation="im2col", adapt="all",
+      remat=False))
+  return c

@@ -1,0 +1,539 @@
+"""`fszjax adapt`: few-shot adaptation and domain generalisation, meta-training and evaluation.
+
+Two backbones (``config.fewshot.backbone``):
+
+- ``"towers"``: the image/text towers of a pretrained fszjax checkpoint
+  (``config.init_from``: a pretraining workdir or a converted model). Image features of
+  each evaluation split are computed once (the towers are frozen); episodes then run on
+  features, so hundreds of episodes per setting take seconds. Methods:
+    zeroshot          the text tower's classifier over the task's class names
+    protonet          nearest class mean of tower features (ProtoNets without meta-training)
+    linear_probe      logistic regression on frozen features, head from zeros
+    zs_head_adapt     the zero-shot head (text embeddings x logit scale, + SigLIP bias)
+                      adapted by SGD on the support set; 0 steps = zeroshot exactly
+    wise_ft           WiSE-FT: 0.5 x zero-shot head + 0.5 x adapted head
+    pixels_protonet   nearest class mean of raw pixels (how much any learning adds)
+  plus domain generalisation on held-out fonts: a linear feature adaptor (identity at
+  start, so step 0 is the pretrained model) is fine-tuned on the source fonts to classify
+  the train characters through the frozen text classifier, either by plain fine-tuning
+  (ERM) or by MLDG (meta-train / meta-test font split), and WiSE-FT interpolates the
+  fine-tuned adaptor with the identity. Each variant is evaluated zero-shot and few-shot
+  (ProtoNets, zs_head_adapt) on ``test_fonts`` and ``test_both``.
+
+- ``"conv4"``: the MAML paper's Conv-4 trained from scratch by meta-learning
+  (MAML/FOMAML/Reptile/ANIL/Meta-SGD/ProtoNets from `fszjax.fewshot.meta`) on the train
+  split, with Orbax checkpoints and exact resume, then evaluated with the pixel baseline.
+
+Results: ``W/results.json`` ``{"methods": {M: {SPLIT: {"5way1shot": {"mean", "ci95",
+"episodes"}}}}, "dg": {...}}``, ``W/results.md`` and ``W/accuracy_vs_shots.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fszjax.errors import UserError
+from fszjax.fewshot import inner as inner_lib
+from fszjax.fewshot import meta as meta_lib
+
+log = logging.getLogger("fszjax")
+
+
+class AdaptError(UserError):
+  """A few-shot config or input is wrong; the message names the fix."""
+
+
+def parse_setting(s: str) -> tuple[int, int]:
+  m = re.fullmatch(r"(\d+)way(\d+)shot", s)
+  if not m:
+    raise AdaptError(f"setting {s!r} must look like '5way1shot'")
+  return int(m.group(1)), int(m.group(2))
+
+
+def summarize(acc: np.ndarray) -> dict:
+  """Mean and 95% confidence half-width of per-episode accuracies."""
+  acc = np.asarray(acc, np.float64)
+  n = len(acc)
+  sd = float(acc.std(ddof=1)) if n > 1 else 0.0
+  return {"mean": float(acc.mean()), "ci95": 1.96 * sd / math.sqrt(max(n, 1)), "episodes": n}
+
+
+def _normalize(x, axis=-1):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+# ============================================================================ frozen towers
+
+
+def _proto_logits(fs, ys, fq, n_way):
+  c = inner_lib.prototypes(fs, ys, n_way)
+  return -(jnp.sum(fq * fq, -1, keepdims=True) - 2.0 * fq @ c.T + jnp.sum(c * c, -1))
+
+
+def _acc(logits, y):
+  return jnp.mean(jnp.argmax(logits, -1) == y)
+
+
+def make_episode_eval(n_way: int, scale: float, bias: float, fcfg) -> Callable:
+  """jitted ``f(fs, ys, fq, yq, text, ps, pq) -> {method: acc (T,)}`` over T tasks.
+
+  fs/fq: (T, S|Q, E) normalised features; text: (T, N, E) normalised class text
+  embeddings; ps/pq: (T, S|Q, P) pixel vectors.
+  """
+  steps = int(fcfg.head_steps)
+  lr = float(fcfg.head_lr)
+  probe_steps = int(fcfg.probe_steps)
+  probe_lr = float(fcfg.probe_lr)
+
+  def one(fs, ys, fq, yq, text, ps, pq):
+    head0 = inner_lib.zeroshot_head(text, scale, bias)
+    out = {"zeroshot": _acc(inner_lib.linear_head(head0, fq), yq),
+           "protonet": _acc(_proto_logits(fs, ys, fq, n_way), yq),
+           "pixels_protonet": _acc(_proto_logits(ps, ys, pq, n_way), yq)}
+    head, _ = inner_lib.inner_loop(
+        lambda h: inner_lib.cross_entropy(inner_lib.linear_head(h, fs), ys), head0,
+        steps=steps, lr=lr)
+    out["zs_head_adapt"] = _acc(inner_lib.linear_head(head, fq), yq)
+    wise = jax.tree.map(lambda a, b: 0.5 * (a + b), head0, head)
+    out["wise_ft"] = _acc(inner_lib.linear_head(wise, fq), yq)
+    zero = inner_lib.zeros_head(fs.shape[-1], n_way, fs.dtype)
+    probe, _ = inner_lib.inner_loop(
+        lambda h: inner_lib.cross_entropy(inner_lib.linear_head(h, fs * scale), ys), zero,
+        steps=probe_steps, lr=probe_lr)
+    out["linear_probe"] = _acc(inner_lib.linear_head(probe, fq * scale), yq)
+    return out
+
+  return jax.jit(jax.vmap(one))
+
+
+def _episodes_on_features(sampler, n_episodes, batch, fn, feats, text, pix):
+  """Runs `fn` over `n_episodes` episodes drawn by `sampler` (indices into feats)."""
+  accs: dict[str, list] = {}
+  done, index = 0, 0
+  while done < n_episodes:
+    t = min(batch, n_episodes - done)
+    ep = sampler.sample(index, t)
+    index += 1
+    si, qi = ep["support_x"], ep["query_x"]  # indices (T, S), (T, Q)
+    cls = ep["classes"]
+    out = fn(feats[si], ep["support_y"], feats[qi], ep["query_y"], text[cls], pix[si], pix[qi])
+    for k, v in out.items():
+      accs.setdefault(k, []).append(np.asarray(v))
+    done += t
+  return {k: np.concatenate(v) for k, v in accs.items()}
+
+
+@dataclasses.dataclass
+class SplitData:
+  feats: np.ndarray  # (N, E) normalised image embeddings
+  labels: np.ndarray
+  domains: np.ndarray
+  text: np.ndarray  # (C, E) zero-shot classifier rows of the split's classes
+  pix: np.ndarray  # (N, P) normalised pixels
+  class_names: list
+
+
+def _load_towers(config):
+  from fszjax import checkpoint, config as config_lib
+  from fszjax.models.two_tower import build_model
+
+  src = config.init_from
+  if not src:
+    raise AdaptError("config.init_from is empty; pass --config.init_from=<pretraining workdir "
+                     "or converted model>")
+  if not os.path.exists(os.path.expanduser(src)):
+    raise AdaptError(f"config.init_from={src} does not exist; run `fszjax pretrain` first or "
+                     "pass a converted model directory")
+  cfg_path = os.path.join(src, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise AdaptError(f"{src} has no config.json; pass a fszjax workdir or converted directory")
+  pre = config_lib.load_config(cfg_path)
+  params = checkpoint.load_params_numpy(src)
+  return pre, build_model(pre.model), jax.tree.map(jnp.asarray, params)
+
+
+def _split_data(encoder, data_cfg, split, templates, max_examples) -> SplitData:
+  from fszjax import evaluate
+  from fszjax.data import pipeline
+
+  arrays = pipeline.load_split_arrays(data_cfg, split, max_examples)
+  arrays = evaluate._remap_to_present(arrays)  # pylint: disable=protected-access
+  feats = evaluate._normalize(encoder.images(arrays["image"]))  # pylint: disable=protected-access
+  text = evaluate.zero_shot_classifier(encoder.texts, arrays["class_names"], templates)
+  pix = arrays["image"].reshape(len(feats), -1)
+  pix = pix / np.maximum(np.linalg.norm(pix, axis=1, keepdims=True), 1e-6)
+  return SplitData(feats.astype(np.float32), np.asarray(arrays["label"]),
+                   np.asarray(arrays.get("domain", np.zeros(len(feats), np.int64))),
+                   text.astype(np.float32), pix.astype(np.float32), list(arrays["class_names"]))
+
+
+def _few_shot_table(data: dict[str, SplitData], fcfg, scale, bias, seed, transform=None,
+                    methods=None) -> dict:
+  """{method: {split: {setting: summary}}} on (optionally transformed) features."""
+  from fszjax.data.episodes import EpisodeError, EpisodeSampler
+
+  out: dict = {}
+  for split, d in data.items():
+    feats = d.feats if transform is None else transform(d.feats)
+    for setting in fcfg.settings:
+      n_way, k_shot = parse_setting(setting)
+      try:
+        sampler = EpisodeSampler(np.arange(len(feats)), d.labels, n_way=n_way, k_shot=k_shot,
+                                 q_query=int(fcfg.q_query), seed=seed)
+      except EpisodeError as e:
+        log.warning("%s %s skipped: %s", split, setting, e)
+        continue
+      fn = make_episode_eval(n_way, scale, bias, fcfg)
+      accs = _episodes_on_features(sampler, int(fcfg.episodes), int(fcfg.episode_batch), fn,
+                                   feats, d.text, d.pix)
+      for m, a in accs.items():
+        if methods is not None and m not in methods:
+          continue
+        out.setdefault(m, {}).setdefault(split, {})[setting] = summarize(a)
+  return out
+
+
+def _zeroshot_top1(feats, d: SplitData, scale) -> dict:
+  logits = feats @ d.text.T
+  acc = (np.argmax(logits, 1) == d.labels).astype(np.float64)
+  s = summarize(acc)
+  return {"top1": s["mean"], "ci95": s["ci95"], "num_examples": len(acc),
+          "num_classes": len(d.class_names), "chance": 1.0 / len(d.class_names)}
+
+
+def _adaptor_apply(p, f):
+  return _normalize(f @ p["A"] + p["b"])
+
+
+def _dg(config, train: SplitData, evals: dict[str, SplitData], scale, bias, fcfg) -> dict:
+  """Fine-tune a feature adaptor on source fonts: ERM vs MLDG, and WiSE-FT of ERM."""
+  from fszjax.fewshot import dg as dg_lib
+
+  dcfg = fcfg.dg
+  e = train.feats.shape[1]
+  init = {"A": jnp.eye(e, dtype=jnp.float32), "b": jnp.zeros((e,), jnp.float32)}
+  text = jnp.asarray(train.text)
+
+  def loss_fn(p, batch):
+    f, y = batch["f"], batch["y"]
+    logits = scale * _adaptor_apply(p, f) @ text.T + bias
+    return inner_lib.cross_entropy(logits, y)
+
+  rng = np.random.default_rng(config.seed)
+  fonts = np.unique(train.domains)
+  by_font = {int(f): np.nonzero(train.domains == f)[0] for f in fonts}
+  bs = int(dcfg.batch_size)
+  feats, labels = jnp.asarray(train.feats), jnp.asarray(train.labels)
+
+  def batch_from(idx):
+    return {"f": feats[idx], "y": labels[idx]}
+
+  opt = optax.adam(float(dcfg.lr))
+  # --- ERM (plain fine-tuning).
+  erm_step = jax.jit(lambda p, s, b: _opt_step(loss_fn, opt, p, s, b))
+  p, s = init, opt.init(init)
+  for _ in range(int(dcfg.steps)):
+    p, s, _ = erm_step(p, s, batch_from(rng.choice(len(train.labels), bs, replace=False)))
+  erm = p
+  # --- MLDG: meta-train fonts vs one meta-test font per step.
+  mldg_step = dg_lib.make_mldg_step(loss_fn, opt, alpha=float(dcfg.mldg_alpha),
+                                    beta=float(dcfg.mldg_beta),
+                                    first_order=bool(dcfg.mldg_first_order), donate=False)
+  p, s = init, opt.init(init)
+  for _ in range(int(dcfg.steps)):
+    test_font = int(rng.choice(fonts))
+    tr_pool = np.concatenate([ix for f, ix in by_font.items() if f != test_font])
+    te_pool = by_font[test_font]
+    p, s, _ = mldg_step(p, s, batch_from(rng.choice(tr_pool, bs, replace=False)),
+                        batch_from(rng.choice(te_pool, min(bs, len(te_pool)), replace=False)))
+  mldg = p
+
+  variants = {"pretrained": init, "finetune": erm, "mldg": mldg}
+  for a in dcfg.wise_alphas:
+    variants[f"wise_ft_{a:g}"] = jax.tree.map(lambda z, f, a=a: (1 - a) * z + a * f, init, erm)
+  result: dict = {"zeroshot": {}, "fewshot": {}}
+  for name, params in variants.items():
+    tf = (lambda x, params=params: np.asarray(_adaptor_apply(params, jnp.asarray(x))))
+    result["zeroshot"][name] = {sp: _zeroshot_top1(tf(d.feats), d, scale) for sp, d in evals.items()}
+    few = _few_shot_table(evals, _replace(fcfg, settings=list(dcfg.settings)), scale, bias,
+                          config.seed + 1, transform=tf, methods=("protonet", "zs_head_adapt"))
+    result["fewshot"][name] = few
+  return result
+
+
+def _replace(cfg, **kw):
+  c = cfg.copy_and_resolve_references()
+  for k, v in kw.items():
+    with c.ignore_type():
+      c[k] = v
+  return c
+
+
+def _opt_step(loss_fn, opt, p, s, batch):
+  loss, g = jax.value_and_grad(loss_fn)(p, batch)
+  u, s = opt.update(g, s, p)
+  return optax.apply_updates(p, u), s, loss
+
+
+def run_towers(config, workdir) -> dict:
+  from fszjax import evaluate
+  from fszjax.data import pipeline
+  from fszjax.models.two_tower import TwoTower
+
+  fcfg = config.fewshot
+  pre, model, params = _load_towers(config)
+  data_cfg = pre.data
+  if config.data.get("data_dir", None):
+    data_cfg.data_dir = config.data.data_dir
+  tokenizer = pipeline.get_tokenizer(data_cfg)
+  encoder = evaluate.Encoder(model, params, tokenizer, max_len=pre.model.text.max_len)
+  t, b = model.apply({"params": params}, method=TwoTower.scale_and_bias)
+  scale = float(jnp.exp(t))
+  bias = float(b) if b is not None else 0.0
+  templates = list(pipeline.prompt_templates(data_cfg))
+  data = {}
+  for split in fcfg.splits:
+    data[split] = _split_data(encoder, data_cfg, split, templates, fcfg.get("max_examples", 0) or None)
+    log.info("features of %s: %d images, %d classes", split, len(data[split].labels),
+             len(data[split].class_names))
+  results = {"methods": _few_shot_table(data, fcfg, scale, bias, config.seed),
+             "zeroshot_top1": {sp: _zeroshot_top1(d.feats, d, scale) for sp, d in data.items()}}
+  if fcfg.dg.enabled:
+    train = _split_data(encoder, data_cfg, pre.data.train_split, templates,
+                        fcfg.dg.get("max_train_examples", 0) or None)
+    evals = {sp: data[sp] for sp in fcfg.dg.splits if sp in data}
+    results["dg"] = _dg(config, train, evals, scale, bias, fcfg)
+  return results
+
+
+# ============================================================================ Conv-4 meta-learning
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+  if images.shape[1] == size:
+    return images
+  out = jax.image.resize(jnp.asarray(images), (images.shape[0], size, size, images.shape[3]),
+                         "linear", antialias=True)
+  return np.asarray(out)
+
+
+def _meta_cfg(fcfg, n_way: int) -> meta_lib.MetaConfig:
+  m = fcfg.meta
+  return meta_lib.MetaConfig(
+      algorithm=m.algorithm, n_way=n_way, inner_steps=int(m.inner_steps),
+      inner_lr=float(m.inner_lr), adapt=m.get("adapt", "all"), first_order=bool(m.first_order),
+      remat=bool(m.get("remat", False)), head_init=m.head_init,
+      eval_inner_steps=int(m.eval_inner_steps) or None, task_chunk=int(m.task_chunk))
+
+
+def run_conv4(config, workdir) -> dict:
+  from fszjax import checkpoint
+  from fszjax.data import pipeline
+  from fszjax.data.episodes import EpisodeSampler
+  from fszjax.fewshot import conv4
+
+  fcfg, m = config.fewshot, config.fewshot.meta
+  size = int(fcfg.image_size)
+  train = pipeline.load_split_arrays(config.data, config.data.train_split,
+                                     fcfg.get("max_train_examples", 0) or None)
+  train_x = _resize(train["image"], size)
+  n_way_train, k_train = parse_setting(m.train_setting)
+  sampler = EpisodeSampler(train_x, train["label"], n_way=n_way_train, k_shot=k_train,
+                           q_query=int(m.q_query), seed=config.seed)
+  features_fn = conv4.make_conv4_features_fn(m.get("formulation", conv4.DEFAULT_FORMULATION))
+  mcfg = _meta_cfg(fcfg, n_way_train)
+  params = conv4.init_conv4(jax.random.key(config.seed), n_way_train, hidden=int(m.hidden),
+                            image_size=size)
+  meta_params = meta_lib.init_meta_params(mcfg, params)
+  opt = optax.sgd(float(m.outer_lr)) if m.algorithm == "reptile" else optax.adam(float(m.outer_lr))
+  opt_state = opt.init(meta_params)
+  step_fn = meta_lib.make_meta_step(features_fn, mcfg, opt, donate=False)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 save_every=int(config.checkpoint.save_every),
+                                 keep=int(config.checkpoint.keep), async_save=False)
+  state = {"step": jnp.zeros((), jnp.int32), "params": meta_params, "opt_state": opt_state}
+  start = 0
+  if ckpt.all_steps():
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    start, state = ckpt.restore(abstract)
+    log.info("resumed meta-training at step %d", start)
+  meta_params, opt_state = state["params"], state["opt_state"]
+  total = int(m.steps)
+  t0, tasks_done = time.perf_counter(), 0
+  metrics = None
+  for step in range(start + 1, total + 1):
+    tasks = sampler.sample(step, int(m.meta_batch))  # random access: exact resume
+    tasks = {k: tasks[k] for k in ("support_x", "support_y", "query_x", "query_y")}
+    meta_params, opt_state, metrics = step_fn(meta_params, opt_state, tasks)
+    tasks_done += int(m.meta_batch)
+    if step % int(config.log_every) == 0 or step == total:
+      host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not math.isfinite(host["loss"]):
+        raise AdaptError(f"meta-training loss is {host['loss']} at step {step}; lower "
+                         "config.fewshot.meta.outer_lr (the last good checkpoint is kept)")
+      rate = tasks_done / (time.perf_counter() - t0)
+      log.info("meta step %d/%d loss %.4f query acc %.3f %.1f tasks/s", step, total,
+               host["loss"], host["acc"], rate)
+    if ckpt.should_save(step) or step == total:
+      ckpt.save(step, {"step": jnp.asarray(step, jnp.int32), "params": meta_params,
+                       "opt_state": opt_state}, force=True)
+  ckpt.close()
+  # ---- evaluation.
+  from fszjax.data.episodes import EpisodeError
+
+  methods: dict = {}
+  for split in fcfg.splits:
+    arrays = pipeline.load_split_arrays(config.data, split, fcfg.get("max_examples", 0) or None)
+    x = _resize(arrays["image"], size)
+    pix = x.reshape(len(x), -1)
+    pix = pix / np.maximum(np.linalg.norm(pix, axis=1, keepdims=True), 1e-6)
+    for setting in fcfg.settings:
+      n_way, k_shot = parse_setting(setting)
+      try:
+        smp = EpisodeSampler(np.arange(len(x)), arrays["label"], n_way=n_way, k_shot=k_shot,
+                             q_query=int(fcfg.q_query), seed=config.seed + 17)
+      except EpisodeError as e:
+        log.warning("%s %s skipped: %s", split, setting, e)
+        continue
+      ecfg = dataclasses.replace(mcfg, n_way=n_way)
+      eval_params = meta_params
+      if ecfg.head_init == "learned" and n_way != n_way_train:
+        raise AdaptError(f"a learned {n_way_train}-way head cannot run {setting}; use "
+                         "config.fewshot.meta.head_init='zeros'")
+      ev = jax.jit(jax.vmap(lambda t: meta_lib.task_loss(
+          jax.lax.stop_gradient(eval_params), t, features_fn=features_fn,
+          cfg=dataclasses.replace(ecfg, inner_steps=ecfg.eval_inner_steps or ecfg.inner_steps,
+                                  algorithm="fomaml" if ecfg.algorithm == "reptile" else ecfg.algorithm))[1]["acc"]))
+      proto = jax.jit(jax.vmap(lambda ps, ys, pq, yq: _acc(_proto_logits(ps, ys, pq, n_way), yq)))
+      accs, paccs, done, index = [], [], 0, 0
+      while done < int(fcfg.episodes):
+        tcount = min(int(fcfg.episode_batch), int(fcfg.episodes) - done)
+        ep = smp.sample(index, tcount)
+        index += 1
+        si, qi = ep["support_x"], ep["query_x"]
+        task = {"support_x": x[si], "support_y": ep["support_y"], "query_x": x[qi],
+                "query_y": ep["query_y"]}
+        accs.append(np.asarray(ev(task)))
+        paccs.append(np.asarray(proto(pix[si], ep["support_y"], pix[qi], ep["query_y"])))
+        done += tcount
+      methods.setdefault(f"conv4_{m.algorithm}", {}).setdefault(split, {})[setting] = summarize(
+          np.concatenate(accs))
+      methods.setdefault("pixels_protonet", {}).setdefault(split, {})[setting] = summarize(
+          np.concatenate(paccs))
+      log.info("%s %s: %s %.3f, pixels %.3f", split, setting, m.algorithm,
+               methods[f"conv4_{m.algorithm}"][split][setting]["mean"],
+               methods["pixels_protonet"][split][setting]["mean"])
+  return {"methods": methods, "meta_training": {"steps": total, "algorithm": m.algorithm,
+                                                "train_setting": m.train_setting}}
+
+
+# ============================================================================ outputs
+
+
+def results_markdown(results: dict) -> str:
+  methods = results.get("methods", {})
+  splits = sorted({s for m in methods.values() for s in m})
+  settings = sorted({st for m in methods.values() for s in m.values() for st in s},
+                    key=lambda s: parse_setting(s))
+  lines = []
+  for split in splits:
+    lines.append(f"\n### {split}\n")
+    lines.append("| method | " + " | ".join(settings) + " |")
+    lines.append("|---|" + "---:|" * len(settings))
+    for name, per_split in methods.items():
+      if split not in per_split:
+        continue
+      cells = []
+      for st in settings:
+        r = per_split[split].get(st)
+        cells.append(f"{100 * r['mean']:.1f} ± {100 * r['ci95']:.1f}" if r else "")
+      lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  if "zeroshot_top1" in results:
+    lines.append("\n### zero-shot top-1 over each split's full class list\n")
+    lines.append("| split | top-1 | classes | chance |")
+    lines.append("|---|---:|---:|---:|")
+    for sp, r in results["zeroshot_top1"].items():
+      lines.append(f"| {sp} | {100 * r['top1']:.2f} ± {100 * r['ci95']:.2f} | "
+                   f"{r['num_classes']} | {100 * r['chance']:.2f} |")
+  if "dg" in results:
+    dg = results["dg"]
+    lines.append("\n### domain generalisation (held-out fonts): zero-shot top-1 and few-shot\n")
+    dsplits = sorted({sp for v in dg["zeroshot"].values() for sp in v})
+    few_cols = [(sp, m, st) for sp in dsplits for m in ("protonet", "zs_head_adapt")
+                for st in sorted({st for v in dg["fewshot"].values()
+                                  for st in v.get(m, {}).get(sp, {})})]
+    lines.append("| variant | " + " | ".join(f"{sp} zero-shot" for sp in dsplits) + " | " +
+                 " | ".join(f"{sp} {m} {st}" for sp, m, st in few_cols) + " |")
+    lines.append("|---|" + "---:|" * (len(dsplits) + len(few_cols)))
+    for name in dg["zeroshot"]:
+      zs = [f"{100 * dg['zeroshot'][name][sp]['top1']:.2f}" for sp in dsplits]
+      fw = []
+      for sp, m, st in few_cols:
+        r = dg["fewshot"][name].get(m, {}).get(sp, {}).get(st)
+        fw.append(f"{100 * r['mean']:.1f} ± {100 * r['ci95']:.1f}" if r else "")
+      lines.append(f"| {name} | " + " | ".join(zs + fw) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_shots(results: dict, out_path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  methods = results.get("methods", {})
+  splits = sorted({s for m in methods.values() for s in m})
+  if not splits:
+    return
+  fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.6), squeeze=False)
+  for ax, split in zip(axes[0], splits):
+    for name, per_split in methods.items():
+      res = per_split.get(split, {})
+      pts = sorted(((parse_setting(st), r) for st, r in res.items() if parse_setting(st)[0] == 5),
+                   key=lambda x: x[0][1])
+      if pts:
+        ax.errorbar([p[0][1] for p in pts], [100 * p[1]["mean"] for p in pts],
+                    yerr=[100 * p[1]["ci95"] for p in pts], marker="o", capsize=3, label=name)
+    ax.set_title(f"{split} (5-way)")
+    ax.set_xlabel("shots")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=.3)
+  axes[0][0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=110)
+  plt.close(fig)
+
+
+def run(config, workdir) -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  from fszjax import config as config_lib
+
+  config_lib.save_config(config, os.path.join(workdir, "config.json"))
+  t0 = time.perf_counter()
+  backbone = config.fewshot.backbone
+  if backbone == "towers":
+    results = run_towers(config, workdir)
+  elif backbone == "conv4":
+    results = run_conv4(config, workdir)
+  else:
+    raise AdaptError(f"config.fewshot.backbone={backbone!r}: use 'towers' or 'conv4'")
+  results["wall_time_s"] = time.perf_counter() - t0
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(results_markdown(results))
+    plot_shots(results, os.path.join(workdir, "accuracy_vs_shots.png"))
+  return results
