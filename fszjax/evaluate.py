@@ -92,6 +92,17 @@ def retrieval_metrics(zimg: np.ndarray, ztxt: np.ndarray, img_group: np.ndarray,
   return out
 
 
+def _replicated_like(tree) -> dict:
+  """``{"out_shardings": replicated}`` on the mesh of `tree`'s arrays ({} off a mesh)."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  for x in jax.tree.leaves(tree):
+    sh = getattr(x, "sharding", None)
+    if isinstance(sh, NamedSharding):
+      return {"out_shardings": NamedSharding(sh.mesh, PartitionSpec())}
+  return {}
+
+
 class Encoder:
   """Batched, jitted image / text encoders of a `TwoTower` with fixed parameters."""
 
@@ -102,8 +113,12 @@ class Encoder:
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.max_len = max_len or model.txt.max_len
     self.batch_size = batch_size
-    self._img = jax.jit(lambda p, x: model.apply({"params": p}, x, method=TwoTower.encode_image))
-    self._txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method=TwoTower.encode_text))
+    # Replicated outputs: in a multi-host job every process reads the embeddings.
+    out = _replicated_like(params)
+    self._img = jax.jit(lambda p, x: model.apply({"params": p}, x, method=TwoTower.encode_image),
+                        **out)
+    self._txt = jax.jit(lambda p, t: model.apply({"params": p}, t, method=TwoTower.encode_text),
+                        **out)
 
   def _batched(self, fn, x):
     n = len(x)
@@ -170,7 +185,7 @@ def run_evaluators(config, model, params, tokenizer=None, splits=None, arrays_ca
   dcfg = config.data
   ecfg = config.get("eval", None)
   splits = list(splits or (ecfg.splits if ecfg is not None and "splits" in ecfg else dcfg.eval_splits))
-  max_examples = max_examples or (ecfg.get("max_examples", None) if ecfg is not None else None)
+  max_examples = max_examples or (ecfg.get("max_examples", 0) if ecfg is not None else 0) or None
   tokenizer = tokenizer or pipeline.get_tokenizer(dcfg)
   templates = list(pipeline.prompt_templates(dcfg))
   encoder = Encoder(model, params, tokenizer, max_len=config.model.text.max_len,
