@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -25,6 +26,7 @@ from orbax.checkpoint import checkpoint_managers as cm
 from fszjax.errors import UserError
 
 log = logging.getLogger("fszjax")
+_DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")
 
 
 class CheckpointError(UserError):
@@ -94,11 +96,14 @@ class Checkpointer:
     errors = []
     for s in steps:
       items = {"state": ocp.args.StandardRestore(abstract_state)}
-      if iterator is not None:
+      saved_by = self._data_process_count(s) if iterator is not None else None
+      if iterator is not None and saved_by in (None, jax.process_count()):
         _, restore_cls = _grain_args()
         items["data"] = restore_cls(iterator)
       try:
         restored = self.manager.restore(s, args=ocp.args.Composite(**items))
+        if "data" not in items and iterator is not None:
+          self._restore_data_resharded(s, iterator, saved_by)
         if errors:
           log.warning("restored the earlier complete checkpoint at step %d", s)
         return s, restored["state"]
@@ -110,6 +115,44 @@ class Checkpointer:
     raise CheckpointError(
         f"no readable checkpoint in {self.directory} (tried steps {[s for s, _ in errors]}: "
         f"{errors[0][1]}); delete the directory to start over")
+
+  # -- data-iterator state written by a different number of processes
+  def _data_process_count(self, step: int) -> int | None:
+    """How many processes wrote the data-iterator state of `step` (None if unknown)."""
+    d = os.path.join(self.directory, str(step), "data")
+    names = os.listdir(d) if os.path.isdir(d) else []
+    counts = {m.group(1) for m in map(_DATA_FILE.fullmatch, names) if m}
+    return int(counts.pop()) if len(counts) == 1 else None
+
+  def _restore_data_resharded(self, step: int, iterator, saved_by: int) -> None:
+    """Moves `iterator` to the data position of a checkpoint written by `saved_by` processes.
+
+    Process p of P reads examples p, p + P, p + 2P, ... of one global stream, so after n
+    examples per process the global stream is consumed up to P * n: each of the new
+    processes resumes at that global position divided by their number.
+    """
+    import json
+
+    d = os.path.join(self.directory, str(step), "data")
+    try:
+      states = []
+      for i in range(saved_by):
+        with open(os.path.join(d, f"process_{i}-of-{saved_by}.json")) as f:
+          states.append(json.load(f))
+      consumed = saved_by * min(int(st["pipeline"]["next_index"]) for st in states)
+      state = iterator.get_state()
+      state["pipeline"]["next_index"] = consumed // jax.process_count()
+      iterator.set_state(state)
+    except Exception as e:  # pylint: disable=broad-except
+      log.warning("the data-iterator state of step %d was written by %d processes and cannot be "
+                  "moved to %d (%s); the input pipeline starts from its beginning", step,
+                  saved_by, jax.process_count(), str(e)[:120])
+      return
+    if consumed % jax.process_count():
+      log.warning("step %d: %d examples consumed by %d processes do not split evenly over %d; "
+                  "a few examples are seen twice", step, consumed, saved_by, jax.process_count())
+    log.info("data position of step %d moved from %d to %d processes", step, saved_by,
+             jax.process_count())
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -9,8 +9,8 @@ whose `jax.devices()` spans all hosts. How the job is found:
              cluster detection is switched off (``cluster_detection_method="deactivate"``).
   cluster    on a Cloud TPU VM, under SLURM (``srun``) or Open MPI, JAX detects the
              coordinator, process count and id itself.
-  local      a single process on a machine without a cluster: `pretrain` and `adapt` still
-             start a one-process runtime on 127.0.0.1, because JAX's preemption service
+  local      a single process on a machine without a cluster: `pretrain` still starts a
+             one-process runtime on 127.0.0.1, because JAX's preemption service
              (SIGTERM -> save a checkpoint at a step every process agrees on -> exit 0)
              lives in that runtime. ``--distributed off`` skips it.
 
@@ -22,7 +22,10 @@ Conventions in the rest of fszjax: only process 0 logs progress and writes metri
 plots, summaries and configs (`is_main()`); every process takes part in checkpoint
 saves and restores (Orbax coordinates them); every process reads only its own shard of
 the training data. Never install a SIGTERM handler: it would replace JAX's and the
-preemption sync point would never be reached.
+preemption sync point would never be reached. JAX's handler takes SIGTERM for the whole
+process: the job stops at the next step every process reaches, not at once (Ctrl-C and
+SIGKILL still stop it at once). Commands that never poll the sync point (prepare, eval,
+convert, adapt for now) get no one-process runtime, so SIGTERM ends them as usual.
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ ENV = {
     "dist_timeout": "FSZJAX_DIST_TIMEOUT",
 }
 # Commands whose loops poll `reached_preemption` every step: a single local process runs
-# them inside a one-process distributed runtime so that SIGTERM saves a checkpoint.
-PREEMPTIBLE_COMMANDS = ("pretrain", "adapt")
+# them inside a one-process distributed runtime so that SIGTERM saves a checkpoint. Only
+# list a command once its loop polls: JAX's handler swallows SIGTERM, so a command that
+# never polls could then not be stopped by it.
+PREEMPTIBLE_COMMANDS = ("pretrain",)
 
 _STATE: dict[str, Any] = {"mode": None, "process_id": 0, "num_processes": 1, "timeout": None}
 _BARRIER_COUNTS: dict[str, itertools.count] = {}
@@ -81,7 +86,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--distributed", choices=("auto", "on", "off"),
                  default=os.environ.get(ENV["distributed"], "auto") or "auto",
                  help="auto: explicit flags, else a detected cluster, else a one-process "
-                      "runtime for pretrain/adapt (SIGTERM saves a checkpoint); on: always "
+                      "runtime for pretrain (SIGTERM saves a checkpoint); on: always "
                       "initialise; off: never [$FSZJAX_DISTRIBUTED]")
   g.add_argument("--coordinator", default=os.environ.get(ENV["coordinator"]) or None,
                  metavar="HOST:PORT", help="address of process 0 [$FSZJAX_COORDINATOR]")
@@ -113,6 +118,7 @@ def _parse_ids(ids) -> list[int] | None:
 
 
 def _in_cloud_tpu_vm() -> bool:
+  """True on a Cloud TPU VM with TPU chips (JAX sets this flag when it is imported)."""
   try:
     from jax._src import cloud_tpu_init  # noqa: PLC0415  (private; guarded)
 
@@ -124,11 +130,11 @@ def _in_cloud_tpu_vm() -> bool:
 def detect_cluster() -> str | None:
   """The cluster JAX can configure itself from: ``"tpu"``, ``"slurm"``, ``"ompi"`` or None.
 
-  SLURM counts only inside a job step (``srun``) with more than one task or an explicit
-  opt-in; a login shell inside ``salloc`` is not a cluster job.
+  The tests are JAX's own (``jax._src.clusters``): SLURM needs the variables of an
+  ``srun`` job step (SLURM_STEP_NODELIST, SLURM_PROCID, SLURM_LOCALID, ...).
   """
   env = os.environ
-  if _in_cloud_tpu_vm() and not env.get("TPU_SKIP_MDS_QUERY"):
+  if _in_cloud_tpu_vm():
     return "tpu"
   if all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
                             "SLURM_PROCID", "SLURM_LOCALID")):
@@ -226,19 +232,24 @@ def initialize(**kwargs) -> str | None:
   """`jax.distributed.initialize` with fszjax's conventions; returns the mode or None.
 
   Must run before anything touches a JAX backend. Multi-process CPU jobs use gloo
-  collectives. A failed one-process local start (e.g. a port race) is logged and the
-  run goes on without the preemption service; any other failure raises.
+  collectives (a one-process job none). A failed one-process local start (e.g. a port
+  race) is logged and the run goes on without the preemption service; any other failure
+  raises.
   """
   import jax  # noqa: PLC0415
 
   mode = kwargs.pop("mode", "explicit")
   if jax.distributed.is_initialized():
     return _STATE["mode"]
-  if kwargs.get("num_processes", 2) != 1:
-    try:
+  try:
+    if kwargs.get("num_processes") == 1:
+      # One process needs no cross-process collectives; with gloo, even the collectives
+      # between its own CPU devices would go through TCP.
+      jax.config.update("jax_cpu_collectives_implementation", None)
+    elif jax.config.jax_cpu_collectives_implementation is None:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    except Exception:  # pylint: disable=broad-except  (option renamed or removed)
-      pass
+  except Exception:  # pylint: disable=broad-except  (option renamed or removed)
+    pass
   timeout = kwargs.get("heartbeat_timeout_seconds")
   try:
     jax.distributed.initialize(**kwargs)
@@ -288,7 +299,8 @@ def initialize_from_args(args) -> str | None:
 
 
 def process_index() -> int:
-  """This process's index (0 when single-process), without starting a JAX backend."""
+  """This process's index; read from the distributed runtime when there is one (no backend
+  is started then)."""
   import jax  # noqa: PLC0415
 
   if jax.distributed.is_initialized():
@@ -315,8 +327,6 @@ def sync(name: str, timeout_s: int | None = None) -> None:
   Repeated calls with the same name are distinct barriers (a counter is appended), so
   every process must make the same sequence of calls.
   """
-  import jax  # noqa: PLC0415
-
   if process_count() <= 1:
     return
   n = next(_BARRIER_COUNTS.setdefault(name, itertools.count()))
@@ -335,7 +345,8 @@ def describe() -> str:
   """One line about the job, e.g. for logs: processes, devices, mode."""
   import jax  # noqa: PLC0415
 
-  return (f"process {process_index()}/{process_count()} ({_STATE['mode'] or 'no distributed runtime'}), "
+  mode = _STATE["mode"] or "no distributed runtime"
+  return (f"process {process_index()}/{process_count()} ({mode}), "
           f"{jax.local_device_count()} local / {jax.device_count()} global devices "
           f"({jax.default_backend()})")
 
@@ -349,29 +360,7 @@ def shutdown() -> None:
   _STATE.update(mode=None, process_id=0, num_processes=1, timeout=None)
 
 
-def main_only(fn):
-  """Decorator: run `fn` on process 0 only (returns None elsewhere)."""
-  def wrapped(*a, **k):
-    return fn(*a, **k) if is_main() else None
-  wrapped.__name__ = getattr(fn, "__name__", "main_only")
-  wrapped.__doc__ = fn.__doc__
-  return wrapped
-
-
-def local_args(num_processes: int, process_id: int, coordinator: str,
-               cpu_devices: int | None = None, timeout: int | None = None) -> list[str]:
-  """Global CLI flags of one process of a local multi-process job (used by tests)."""
-  out = []
-  if cpu_devices:
-    out += ["--cpu_devices", str(cpu_devices), "--platform", "cpu"]
-  out += ["--coordinator", coordinator, "--num_processes", str(num_processes),
-          "--process_id", str(process_id)]
-  if timeout:
-    out += ["--dist_timeout", str(timeout)]
-  return out
-
-
 __all__: Sequence[str] = (
     "add_flags", "initialize_from_args", "initialize", "plan", "detect_cluster", "is_main",
-    "sync", "process_index", "process_count", "describe", "shutdown", "free_port", "main_only",
+    "sync", "process_index", "process_count", "describe", "shutdown", "free_port",
     "MultihostError")

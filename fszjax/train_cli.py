@@ -25,7 +25,9 @@ def _cmd_pretrain(args, overrides) -> int:
 
     shutil.rmtree(args.workdir)
   summary = pretrain.train(cfg, args.workdir, stop_at=args.stop_at)
-  if summary.get("stopped_early"):
+  import jax
+
+  if summary.get("stopped_early") or jax.process_index() != 0:
     return 0
   zs = summary.get("zeroshot", {})
   for split, m in zs.items():

@@ -60,12 +60,9 @@ forward() {
     kill -s "$sig" "$p" 2>/dev/null || true
   done
 }
-cleanup() {
-  forward KILL
-}
 trap 'forward TERM' TERM
 trap 'forward INT' INT
-trap cleanup EXIT
+trap 'forward KILL' EXIT
 
 for ((i = 0; i < num_processes; i++)); do
   env_vars=(

@@ -143,6 +143,7 @@ class SplitData:
   text: np.ndarray  # (C, E) zero-shot classifier rows of the split's classes
   pix: np.ndarray  # (N, P) normalised pixels
   class_names: list
+  domain_names: list | None = None
 
 
 def _load_towers(config):
@@ -176,7 +177,8 @@ def _split_data(encoder, data_cfg, split, templates, max_examples) -> SplitData:
   pix = pix / np.maximum(np.linalg.norm(pix, axis=1, keepdims=True), 1e-6)
   return SplitData(feats.astype(np.float32), np.asarray(arrays["label"]),
                    np.asarray(arrays.get("domain", np.zeros(len(feats), np.int64))),
-                   text.astype(np.float32), pix.astype(np.float32), list(arrays["class_names"]))
+                   text.astype(np.float32), pix.astype(np.float32), list(arrays["class_names"]),
+                   arrays.get("domain_name"))
 
 
 def _few_shot_table(data: dict[str, SplitData], fcfg, scale, bias, seed, transform=None,
@@ -263,10 +265,17 @@ def _dg(config, train: SplitData, evals: dict[str, SplitData], scale, bias, fcfg
   variants = {"pretrained": init, "finetune": erm, "mldg": mldg}
   for a in dcfg.wise_alphas:
     variants[f"wise_ft_{a:g}"] = jax.tree.map(lambda z, f, a=a: (1 - a) * z + a * f, init, erm)
-  result: dict = {"zeroshot": {}, "fewshot": {}}
+  result: dict = {"zeroshot": {}, "fewshot": {}, "per_font": {}}
   for name, params in variants.items():
     tf = (lambda x, params=params: np.asarray(_adaptor_apply(params, jnp.asarray(x))))
     result["zeroshot"][name] = {sp: _zeroshot_top1(tf(d.feats), d, scale) for sp, d in evals.items()}
+    for sp, d in evals.items():
+      if d.domain_names is None:
+        continue
+      hits = np.argmax(tf(d.feats) @ d.text.T, 1) == d.labels
+      names = np.asarray(d.domain_names)
+      result["per_font"].setdefault(sp, {})[name] = {
+          str(f): float(hits[names == f].mean()) for f in sorted(set(d.domain_names))}
     few = _few_shot_table(evals, _replace(fcfg, settings=list(dcfg.settings)), scale, bias,
                           config.seed + 1, transform=tf, methods=("protonet", "zs_head_adapt"))
     result["fewshot"][name] = few
