@@ -55,7 +55,7 @@ ENV = {
 # them inside a one-process distributed runtime so that SIGTERM saves a checkpoint. Only
 # list a command once its loop polls: JAX's handler swallows SIGTERM, so a command that
 # never polls could then not be stopped by it.
-PREEMPTIBLE_COMMANDS = ("pretrain",)
+PREEMPTIBLE_COMMANDS = ("pretrain", "adapt")
 
 _STATE: dict[str, Any] = {"mode": None, "process_id": 0, "num_processes": 1, "timeout": None}
 _BARRIER_COUNTS: dict[str, itertools.count] = {}

@@ -379,6 +379,7 @@ def run_conv4(config, workdir) -> dict:
     start, state = ckpt.restore(abstract)
     log.info("resumed meta-training at step %d", start)
   meta_params, opt_state = state["params"], state["opt_state"]
+  ckpt.reached_preemption(start)  # JAX's sync point counts from the last reported step
   total = int(m.steps)
   t0, tasks_done = time.perf_counter(), 0
   metrics = None
@@ -395,9 +396,14 @@ def run_conv4(config, workdir) -> dict:
       rate = tasks_done / (time.perf_counter() - t0)
       log.info("meta step %d/%d loss %.4f query acc %.3f %.1f tasks/s", step, total,
                host["loss"], host["acc"], rate)
-    if ckpt.should_save(step) or step == total:
+    preempted = ckpt.reached_preemption(step)
+    if ckpt.should_save(step) or step == total or preempted:
       ckpt.save(step, {"step": jnp.asarray(step, jnp.int32), "params": meta_params,
                        "opt_state": opt_state}, force=True)
+    if preempted:
+      ckpt.close()
+      log.warning("preempted at meta step %d; rerun the same command to resume", step)
+      raise SystemExit(0)
   ckpt.close()
   # ---- evaluation.
   from fszjax.data.episodes import EpisodeError
