@@ -1,0 +1,92 @@
+"""`fszjax adapt` end to end on a reduced Glyphs build: frozen-tower methods, DG, Conv-4."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import data_testlib
+from fszjax import config as config_lib, pretrain
+from fszjax.fewshot import adapt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def gdir(tmp_path_factory):
+  return data_testlib.glyphs_data_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pretrained(gdir, tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("pre"))
+  cfg = config_lib.load_config(os.path.join(ROOT, "configs/glyphs.py"), [
+      f"--config.data.data_dir={gdir}", f"--config.data.glyphs.max_chars={data_testlib.GLYPH_MAX_CHARS}",
+      "--config.data.tokenizer.vocab_size=256", "--config.model.text.vocab_size=256",
+      "--config.data.num_threads=1", "--config.batch_size=16", "--config.model.embed_dim=16",
+      "--config.model.image.width=32", "--config.model.image.depth=1",
+      "--config.model.image.mlp_dim=64", "--config.model.image.num_heads=2",
+      "--config.model.image.patch_size=8", "--config.model.text.width=32",
+      "--config.model.text.depth=1", "--config.model.text.mlp_dim=64",
+      "--config.model.text.num_heads=2", "--config.total_steps=4", "--config.eval_every=0",
+      "--config.eval.max_examples=32", "--config.progress=False",
+      "--config.checkpoint.best_metric="])
+  pretrain.train(cfg, wd)
+  return wd
+
+
+def _towers_cfg(gdir, pre, *extra):
+  return config_lib.load_config(os.path.join(ROOT, "configs/glyphs_fewshot.py"), [
+      f"--config.init_from={pre}", f"--config.data.data_dir={gdir}",
+      "--config.fewshot.splits=['test_classes', 'test_fonts']",
+      "--config.fewshot.settings=['5way1shot', '5way5shot']", "--config.fewshot.episodes=40",
+      "--config.fewshot.q_query=2", "--config.fewshot.dg.steps=3", "--config.fewshot.dg.batch_size=16",
+      "--config.fewshot.dg.settings=['5way1shot']", "--config.fewshot.probe_steps=5",
+  ] + list(extra))
+
+
+def test_towers_results_and_zero_step_adaptation_equals_zeroshot(gdir, pretrained, tmp_path):
+  wd = str(tmp_path / "a")
+  cfg = _towers_cfg(gdir, pretrained, "--config.fewshot.head_steps=0")
+  res = adapt.run(cfg, wd)
+  saved = json.load(open(os.path.join(wd, "results.json")))
+  assert set(saved["methods"]) >= {"zeroshot", "protonet", "linear_probe", "zs_head_adapt",
+                                   "wise_ft", "pixels_protonet"}
+  for split in ("test_classes", "test_fonts"):
+    r = saved["methods"]["zeroshot"][split]["5way1shot"]
+    assert r["episodes"] == 40 and 0.0 <= r["mean"] <= 1.0 and r["ci95"] >= 0.0
+    # 0 inner steps: the adapted head *is* the zero-shot classifier, episode by episode.
+    assert res["methods"]["zs_head_adapt"][split]["5way1shot"] == r
+  dg = saved["dg"]
+  assert set(dg["zeroshot"]) >= {"pretrained", "finetune", "mldg", "wise_ft_0.5"}
+  assert os.path.exists(os.path.join(wd, "results.md"))
+  assert os.path.exists(os.path.join(wd, "accuracy_vs_shots.png"))
+
+
+def test_missing_init_from_is_one_line_error(gdir, tmp_path):
+  cfg = _towers_cfg(gdir, "/no/such/run")
+  with pytest.raises(adapt.AdaptError, match="does not exist"):
+    adapt.run(cfg, str(tmp_path / "b"))
+  with pytest.raises(adapt.AdaptError, match="like '5way1shot'"):
+    adapt.parse_setting("5-way")
+
+
+def test_conv4_meta_training_resumes(gdir, tmp_path):
+  base = [f"--config.data.data_dir={gdir}", f"--config.data.glyphs.max_chars={data_testlib.GLYPH_MAX_CHARS}",
+          "--config.fewshot.splits=['test_classes']", "--config.fewshot.settings=['5way1shot']",
+          "--config.fewshot.episodes=20", "--config.fewshot.q_query=1",
+          "--config.fewshot.meta.meta_batch=4", "--config.fewshot.meta.task_chunk=2",
+          "--config.fewshot.meta.hidden=8", "--config.fewshot.meta.q_query=1",
+          "--config.fewshot.meta.inner_steps=1", "--config.fewshot.meta.eval_inner_steps=1",
+          "--config.log_every=1", "--config.checkpoint.save_every=2"]
+  path = os.path.join(ROOT, "configs/glyphs_maml_conv4.py")
+  straight = str(tmp_path / "straight")
+  r1 = adapt.run(config_lib.load_config(path, base + ["--config.fewshot.meta.steps=4"]), straight)
+  resumed = str(tmp_path / "resumed")
+  adapt.run(config_lib.load_config(path, base + ["--config.fewshot.meta.steps=2"]), resumed)
+  r2 = adapt.run(config_lib.load_config(path, base + ["--config.fewshot.meta.steps=4"]), resumed)
+  a = r1["methods"]["conv4_maml"]["test_classes"]["5way1shot"]
+  b = r2["methods"]["conv4_maml"]["test_classes"]["5way1shot"]
+  assert a == b  # same episodes, same meta-parameters after resuming at step 2
+  assert "pixels_protonet" in r1["methods"]
