@@ -50,6 +50,8 @@ NORMS = ("batch", "none")
 POOLS = ("mean", "flatten")
 BN_EPS = 1e-3
 DEFAULT_FORMULATION = "im2col"
+import os as _os
+_DIRECT_MAX_CIN = int(_os.environ.get("FSZ_DIRECT", 0))
 
 
 def _check(name, value, allowed):
@@ -137,29 +139,61 @@ def _s2d_weight(w: jax.Array) -> jax.Array:
   return wr.transpose(0, 2, 1, 3, 4, 5).reshape(16 * cin, o)
 
 
-def conv3x3s2(x: jax.Array, w: jax.Array, formulation: str = DEFAULT_FORMULATION) -> jax.Array:
+def _direct(x: jax.Array, w: jax.Array) -> jax.Array:
+  """Sum over the 9 taps of (strided input slice) x (tap weights): no matmul (for tiny Cin)."""
+  b, h, wd, c = x.shape
+  ho, wo = _out_size(h), _out_size(wd)
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = None
+  for i in range(3):
+    for j in range(3):
+      xs = lax.slice(xp, (0, i, j, 0), (b, i + 2 * ho - 1, j + 2 * wo - 1, c), (1, 2, 2, 1))
+      term = xs[..., :, None] * w[i, j]  # (B, Ho, Wo, C, O)
+      term = jnp.sum(term, axis=-2) if c > 1 else term[..., 0, :]
+      out = term if out is None else out + term
+  return out
+
+
+def _matmul(cols: jax.Array, wmat: jax.Array, compute_dtype) -> jax.Array:
+  """(B, H, W, K) @ (K, O) -> (B, H, W, O) in float32, operands cast to compute_dtype."""
+  if compute_dtype is not None:
+    cols, wmat = cols.astype(compute_dtype), wmat.astype(compute_dtype)
+  return jnp.einsum("bhwk,ko->bhwo", cols, wmat, preferred_element_type=jnp.float32)
+
+
+def conv3x3s2(x: jax.Array, w: jax.Array, formulation: str = DEFAULT_FORMULATION,
+              compute_dtype=None) -> jax.Array:
   """3x3, stride-2, padding-1 convolution without bias.
 
   Args:
     x: (B, H, W, Cin) images of one task.
     w: (3, 3, Cin, O) kernel (HWIO).
     formulation: one of `FORMULATIONS`.
+    compute_dtype: dtype of the matmul operands (e.g. jnp.bfloat16; accumulation and
+      result stay float32); None keeps the inputs' dtype.
   Returns:
     (B, Ho, Wo, O) with Ho = (H - 1) // 2 + 1.
   """
   cin, o = w.shape[2], w.shape[3]
+  if compute_dtype is not None:  # cast before im2col: the patches are built in compute_dtype
+    x = x.astype(compute_dtype)
+  if formulation == "im2col" and cin <= _DIRECT_MAX_CIN:
+    return _direct(x, w)
   if formulation == "im2col":
-    return jnp.einsum("bhwk,ko->bhwo", _im2col(x), w.reshape(9 * cin, o))
+    return _matmul(_im2col(x), w.reshape(9 * cin, o), compute_dtype)
   if formulation == "patches":
     p = lax.conv_general_dilated_patches(
         x, (3, 3), (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
     # Patch channels come out ordered (c, kh, kw).
-    return jnp.einsum("bhwk,ko->bhwo", p, w.transpose(2, 0, 1, 3).reshape(9 * cin, o))
+    return _matmul(p, w.transpose(2, 0, 1, 3).reshape(9 * cin, o), compute_dtype)
   if formulation == "s2d":
-    return jnp.einsum("bhwk,ko->bhwo", _s2d_cols(x), _s2d_weight(w))
+    return _matmul(_s2d_cols(x), _s2d_weight(w), compute_dtype)
   if formulation == "conv":
+    if compute_dtype is not None:
+      x, w = x.astype(compute_dtype), w.astype(compute_dtype)
     return lax.conv_general_dilated(
-        x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=jnp.float32)
   raise ValueError(f"conv4 formulation={formulation!r} is not one of {FORMULATIONS}")
 
 
@@ -172,7 +206,7 @@ def batch_norm(x: jax.Array, scale: jax.Array, offset: jax.Array,
 
 
 def conv4_features(backbone: dict, x: jax.Array, *, formulation: str = DEFAULT_FORMULATION,
-                   pool: str = "mean") -> jax.Array:
+                   pool: str = "mean", compute_dtype=None) -> jax.Array:
   """Conv-4 features of one task's examples.
 
   Args:
@@ -180,6 +214,7 @@ def conv4_features(backbone: dict, x: jax.Array, *, formulation: str = DEFAULT_F
     x: (B, H, W, Cin) images, or (B, H, W) grayscale.
     formulation: one of `FORMULATIONS`.
     pool: ``'mean'`` (D = hidden) or ``'flatten'`` (D = hidden * Hf * Wf).
+    compute_dtype: matmul operand dtype (e.g. jnp.bfloat16); None: float32 throughout.
   Returns:
     (B, D) features.
   """
@@ -191,7 +226,7 @@ def conv4_features(backbone: dict, x: jax.Array, *, formulation: str = DEFAULT_F
   h = x
   for name in sorted(backbone, key=lambda s: int(s[4:])):
     block = backbone[name]
-    h = conv3x3s2(h, block["w"], formulation)
+    h = conv3x3s2(h, block["w"], formulation, compute_dtype)
     if "scale" in block:
       h = batch_norm(h, block["scale"], block["offset"])
     else:
@@ -202,12 +237,18 @@ def conv4_features(backbone: dict, x: jax.Array, *, formulation: str = DEFAULT_F
   return h.reshape(h.shape[0], -1)
 
 
-def make_conv4_features_fn(formulation: str = DEFAULT_FORMULATION, pool: str = "mean"):
+def make_conv4_features_fn(formulation: str = DEFAULT_FORMULATION, pool: str = "mean",
+                           compute_dtype=None):
   """``features_fn(backbone, x) -> (B, D)`` for the algorithms of `fszjax.fewshot.meta`."""
   _check("formulation", formulation, FORMULATIONS)
   _check("pool", pool, POOLS)
+  if isinstance(compute_dtype, str):
+    if compute_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"conv4 compute_dtype={compute_dtype!r}: use 'float32' or 'bfloat16'")
+    compute_dtype = None if compute_dtype == "float32" else jnp.bfloat16
 
   def features_fn(backbone: Any, x: jax.Array) -> jax.Array:
-    return conv4_features(backbone, x, formulation=formulation, pool=pool)
+    return conv4_features(backbone, x, formulation=formulation, pool=pool,
+                          compute_dtype=compute_dtype)
 
   return features_fn

@@ -1,0 +1,315 @@
+"""`fszjax bench adapt`: meta-training throughput (tasks/s) on synthetic episodes.
+
+The default workload is learn2learn's Omniglot MAML example (and the peer benchmark in
+``/work/shared/peers/l2l_maml_bench.py``): second-order MAML on Conv-4 with per-task batch
+norm, 5-way 1-shot, 1 query per class, 5 inner steps (lr 0.4), meta-batch 32, 28x28x1
+random-normal images, Adam 1e-3.
+
+``tasks_per_sec = meta_batch / median(step time)`` over the timed steps; compilation (the
+first call) and `warmup` further steps are excluded. Output: one JSON line.
+
+Importable without grain / tensorflow-datasets / ml_collections: only jax, numpy and
+optax are imported at use time; a ``.py`` config file needs ml_collections, a ``.json``
+config or plain ``--key=value`` flags do not.
+
+Settings (`DEFAULTS`) come from, in increasing priority: defaults, the config's
+``bench_adapt`` / ``fewshot`` / ``adapt`` section (known keys only), keyword arguments.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import re
+import statistics
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+DEFAULTS: dict[str, Any] = {
+    "algorithm": "maml",
+    "n_way": 5,
+    "k_shot": 1,
+    "q_query": 1,
+    "inner_steps": 5,
+    "inner_lr": 0.4,
+    "first_order": False,
+    "meta_batch": 32,
+    "image_size": 28,
+    "channels": 1,
+    "hidden": 64,
+    "layers": 4,              # conv blocks (Conv-4); fewer only for quick tests
+    "norm": "batch",
+    "formulation": "auto",   # conv4.FORMULATIONS or 'auto' (im2col on CPU, conv elsewhere)
+    "task_chunk": -1,         # -1: auto (4 on CPU, 0 = one vmap elsewhere)
+    "remat": True,
+    "compute_dtype": "float32",  # or 'bfloat16' (matmul operands; f32 accumulation)
+    "outer_lr": 1e-3,
+    "steps": 10,
+    "warmup": 1,
+    "devices": 0,             # 0: all devices if meta_batch divides, else 1; 1: no mesh
+    "strategy": "meta_batch",  # or 'task_loop': jitted single-task grads in a Python loop
+    "seed": 0,
+}
+# Config sections read, lowest priority first; `fewshot.meta` is the meta-training config of
+# `fszjax adapt` (its `steps` there is the training length, so timing keys are not read).
+SECTIONS = ("adapt", "fewshot", "fewshot.meta", "bench_adapt")
+RUN_KEYS = ("steps", "warmup", "strategy", "devices")
+
+
+def _as_dict(config: Any) -> dict:
+  if config is None:
+    return {}
+  if hasattr(config, "to_dict"):
+    return config.to_dict()
+  if dataclasses.is_dataclass(config):
+    return dataclasses.asdict(config)
+  if isinstance(config, Mapping):
+    return dict(config)
+  return dict(vars(config))
+
+
+def _section(cfg: dict, dotted: str) -> dict:
+  node: Any = cfg
+  for part in dotted.split("."):
+    node = _as_dict(node).get(part) if node is not None else None
+    if node is None or not (isinstance(node, Mapping) or hasattr(node, "to_dict")):
+      return {}
+  return _as_dict(node)
+
+
+def resolve_settings(config: Any = None, **kwargs) -> dict:
+  """Merged settings: DEFAULTS < config sections (known keys) < kwargs (unknown -> error).
+
+  Sections (`SECTIONS`): ``adapt``, ``fewshot``, ``fewshot.meta``, ``bench_adapt``; from the
+  first three the timing keys (`RUN_KEYS`) are ignored.
+  """
+  out = dict(DEFAULTS)
+  cfg = _as_dict(config)
+  for name in SECTIONS:
+    sec = _section(cfg, name)
+    skip = () if name == "bench_adapt" else RUN_KEYS
+    out.update({k: v for k, v in sec.items() if k in DEFAULTS and k not in skip})
+    m = re.fullmatch(r"(\d+)way(\d+)shot", str(sec.get("train_setting", "")))
+    if m:  # `fszjax adapt`'s "5way1shot"
+      out["n_way"], out["k_shot"] = int(m.group(1)), int(m.group(2))
+  bad = sorted(set(kwargs) - set(DEFAULTS))
+  if bad:
+    raise ValueError(f"bench adapt: unknown setting(s) {bad}; known: {sorted(DEFAULTS)}")
+  out.update(kwargs)
+  return out
+
+
+def _synthetic_tasks(s: dict, key):
+  import jax
+  import jax.numpy as jnp
+
+  t, n = s["meta_batch"], s["n_way"]
+  shape = (s["image_size"], s["image_size"], s["channels"])
+  ks, kq = jax.random.split(key)
+  return {
+      "support_x": jax.random.normal(ks, (t, n * s["k_shot"]) + shape, jnp.float32),
+      "support_y": jnp.tile(jnp.repeat(jnp.arange(n, dtype=jnp.int32), s["k_shot"]), (t, 1)),
+      "query_x": jax.random.normal(kq, (t, n * s["q_query"]) + shape, jnp.float32),
+      "query_y": jnp.tile(jnp.repeat(jnp.arange(n, dtype=jnp.int32), s["q_query"]), (t, 1)),
+  }
+
+
+def _time(fn, steps: int, warmup: int) -> tuple[float, list[float]]:
+  """(compile+first-call seconds, per-step seconds) of `fn()` (which blocks)."""
+  t0 = time.perf_counter()
+  fn()
+  first = time.perf_counter() - t0
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return first, times
+
+
+def bench_adapt(config: Any = None, **kwargs) -> dict:
+  """Times meta-training steps on synthetic Conv-4 episodes; returns a JSON-able dict.
+
+  Args:
+    config: a mapping / ConfigDict / object (its `SECTIONS` section is read), or None.
+    **kwargs: settings of `DEFAULTS` (override the config).
+  Returns:
+    dict with tasks_per_sec, step_time_s (median), compile_s, algorithm, n_way, k_shot,
+    q_query, inner_steps, meta_batch, formulation, task_chunk, remat, strategy, devices,
+    platform, device_kind.
+  """
+  import jax
+  import optax
+
+  from fszjax.fewshot import conv4
+  from fszjax.fewshot import meta as meta_lib
+
+  s = resolve_settings(config, **kwargs)
+  platform = jax.default_backend()
+  formulation = s["formulation"]
+  if formulation == "auto":
+    formulation = "im2col" if platform == "cpu" else "conv"
+  chunk = s["task_chunk"]
+  if chunk < 0:
+    chunk = 4 if platform == "cpu" else 0
+  t = s["meta_batch"]
+  ndev = s["devices"] or (jax.device_count() if t % jax.device_count() == 0 else 1)
+  if ndev > jax.device_count():
+    raise ValueError(f"devices={ndev} but only {jax.device_count()} are available")
+  if t % ndev:
+    raise ValueError(f"meta_batch={t} is not divisible by devices={ndev}")
+  if chunk and (t // ndev) % chunk:
+    chunk = 0 if (t // ndev) < chunk else next(c for c in range(chunk, 0, -1) if (t // ndev) % c == 0)
+  cfg = meta_lib.MetaConfig(
+      algorithm=s["algorithm"], n_way=s["n_way"], inner_steps=s["inner_steps"],
+      inner_lr=s["inner_lr"], first_order=s["first_order"], remat=s["remat"],
+      task_chunk=chunk)
+  key = jax.random.key(s["seed"])
+  kp, kt = jax.random.split(key)
+  features_fn = conv4.make_conv4_features_fn(formulation, compute_dtype=s["compute_dtype"])
+  opt = optax.adam(s["outer_lr"]) if s["algorithm"] != "reptile" else optax.sgd(s["outer_lr"])
+
+  @jax.jit
+  def init(kp, kt):  # one compiled program instead of many eager ops
+    params = conv4.init_conv4(kp, s["n_way"], in_channels=s["channels"], hidden=s["hidden"],
+                              layers=s["layers"], norm=s["norm"], image_size=s["image_size"])
+    meta_params = meta_lib.init_meta_params(cfg, params)
+    return meta_params, opt.init(meta_params), _synthetic_tasks(s, kt)
+
+  meta_params, opt_state, tasks = init(kp, kt)
+  state = {"p": meta_params, "o": opt_state}
+
+  if s["strategy"] == "meta_batch":
+    mesh = None
+    if ndev > 1:
+      from fszjax import sharding as shd
+
+      mesh = shd.make_mesh(ndev, 1, 1, devices=jax.devices()[:ndev])
+      tasks = jax.device_put(tasks, meta_lib.task_shardings(mesh, tasks))
+      state = jax.device_put(state, shd.replicated(mesh))
+    step = meta_lib.make_meta_step(features_fn, cfg, opt, mesh=mesh)
+
+    def run():
+      state["p"], state["o"], _ = step(state["p"], state["o"], tasks)
+      jax.block_until_ready(state["p"])
+  elif s["strategy"] == "task_loop":
+    ndev = 1
+    chunk = None
+    grad_one = jax.jit(lambda p, task: meta_lib.task_grad(p, task, features_fn=features_fn,
+                                                         cfg=cfg)[0])
+    apply = jax.jit(lambda p, o, g: _apply(opt, p, o, g, t), donate_argnums=(0, 1))
+    per_task = [jax.tree.map(lambda x: x[i], tasks) for i in range(t)]
+
+    def run():
+      total = None
+      for task in per_task:
+        g = grad_one(state["p"], task)
+        total = g if total is None else jax.tree.map(jax.numpy.add, total, g)
+      state["p"], state["o"] = apply(state["p"], state["o"], total)
+      jax.block_until_ready(state["p"])
+  else:
+    raise ValueError(f"strategy={s['strategy']!r}: use 'meta_batch' or 'task_loop'")
+
+  first, times = _time(run, s["steps"], s["warmup"])
+  med = statistics.median(times)
+  return {
+      "bench": "adapt", "algorithm": s["algorithm"], "n_way": s["n_way"], "k_shot": s["k_shot"],
+      "q_query": s["q_query"], "inner_steps": s["inner_steps"], "meta_batch": t,
+      "tasks_per_sec": round(t / med, 3), "step_time_s": round(med, 5),
+      "step_time_min_s": round(min(times), 5), "compile_s": round(first - med, 3),
+      "formulation": formulation, "task_chunk": chunk, "remat": s["remat"], "norm": s["norm"],
+      "compute_dtype": s["compute_dtype"],
+      "strategy": s["strategy"], "devices": ndev, "platform": platform,
+      "device_kind": jax.devices()[0].device_kind, "steps": s["steps"],
+      "jax_version": jax.__version__,
+  }
+
+
+def _apply(opt, params, opt_state, grad_sum, t):
+  import jax
+  import optax
+
+  grads = jax.tree.map(lambda g: g / t, grad_sum)
+  updates, opt_state = opt.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def _parse_value(raw: str) -> Any:
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    low = raw.lower()
+    if low in ("true", "false"):
+      return low == "true"
+    return raw
+
+
+def _load_config(path: str | None, overrides: Sequence[tuple[str, str]]) -> Any:
+  if not path:
+    return None
+  try:
+    from fszjax import config as config_lib
+  except ImportError:
+    if not path.endswith(".json"):
+      raise SystemExit(f"fszjax bench adapt: reading {path} needs ml-collections "
+                       "(pip install ml-collections), or pass a .json config or --key=value flags")
+    with open(path) as f:
+      cfg = json.load(f)
+    for k, v in overrides:
+      node = cfg
+      *parents, leaf = k.split(".")
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[leaf] = _parse_value(v)
+    return cfg
+  return config_lib.load_config(path, list(overrides))
+
+
+def main(argv: Any = None, overrides: Sequence[tuple[str, str]] | None = None) -> int:
+  """CLI entry: ``main(['--config', C, '--steps', '10', '--algorithm=fomaml', ...])``.
+
+  Also accepts the `fszjax` CLI's parsed ``(args, overrides)``: ``args.config``,
+  ``args.steps`` and ``--config.a.b=v`` override pairs. Prints one JSON line.
+  """
+  kwargs: dict[str, Any] = {}
+  if argv is None or isinstance(argv, (list, tuple)):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path, ovr = None, list(overrides or [])
+    i = 0
+    while i < len(argv):
+      a = argv[i]
+      if not a.startswith("--"):
+        raise SystemExit(f"fszjax bench adapt: unexpected argument {a!r}; use --key=value")
+      body = a[2:]
+      if "=" in body:
+        k, v = body.split("=", 1)
+      else:
+        if i + 1 >= len(argv):
+          raise SystemExit(f"fszjax bench adapt: {a} needs a value")
+        k, v = body, argv[i + 1]
+        i += 1
+      i += 1
+      if k == "config":
+        path = v
+      elif k.startswith("config."):
+        ovr.append((k[len("config."):], v))
+      elif k in DEFAULTS:
+        kwargs[k] = _parse_value(v)
+      else:
+        raise SystemExit(f"fszjax bench adapt: unknown flag --{k}; known: {sorted(DEFAULTS)}")
+    config = _load_config(path, ovr)
+  else:  # argparse namespace from fszjax.cli
+    args = argv
+    config = _load_config(getattr(args, "config", None), list(overrides or []))
+    if getattr(args, "steps", None):
+      kwargs["steps"] = int(args.steps)
+  print(json.dumps(bench_adapt(config, **kwargs)), flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
