@@ -43,7 +43,7 @@ def test_bad_values_are_one_line_errors():
   with pytest.raises(config_lib.ConfigError, match="use one of"):
     config_lib.load_config(path, ["--config.loss=triplet"])
   with pytest.raises(config_lib.ConfigError, match="needs a logit bias"):
-    config_lib.load_config(path, ["--config.model.logit_bias=false"])
+    config_lib.load_config(path, ["--config.loss=siglip", "--config.model.logit_bias=false"])
   with pytest.raises(config_lib.ConfigError, match="not divisible by config.grad_accum"):
     config_lib.load_config(path, ["--config.grad_accum=3"])
   with pytest.raises(config_lib.ConfigError, match="not found"):

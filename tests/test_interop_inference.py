@@ -47,7 +47,8 @@ def test_load_workdir_matches_direct_apply(workdir):
     ref_t = module.apply({"params": params}, tokens, method=TwoTower.encode_text)
   np.testing.assert_allclose(model.encode_image(x), ref_i, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(model.encode_text(texts), ref_t, rtol=1e-5, atol=1e-6)
-  assert model.logit_bias == pytest.approx(-10.0) and model.logit_scale == pytest.approx(10.0)
+  assert model.logit_bias == pytest.approx(cfg.model.logit_bias_init)
+  assert model.logit_scale == pytest.approx(cfg.model.logit_scale_init, rel=1e-6)
   # Raw grayscale uint8 images of any size are resized and normalised like the pipeline.
   raw = np.random.default_rng(1).integers(0, 256, size=(20, 28)).astype(np.uint8)
   pre = model.preprocess([raw, raw])
