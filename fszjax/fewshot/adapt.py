@@ -77,6 +77,26 @@ def _normalize(x, axis=-1):
 # ============================================================================ frozen towers
 
 
+def _sampler(index, labels, n_way, k_shot, q_query, seed, what):
+  """An `EpisodeSampler`, lowering the queries per class (down to 1) when the split has too
+  few examples per class (held-out fonts cover few characters many times); None if even
+  one query is impossible."""
+  from fszjax.data.episodes import EpisodeError, EpisodeSampler
+
+  for q in range(q_query, 0, -1):
+    try:
+      smp = EpisodeSampler(index, labels, n_way=n_way, k_shot=k_shot, q_query=q, seed=seed)
+    except EpisodeError as e:
+      err = e
+      continue
+    if q < q_query:
+      log.info("%s: %d queries per class (the split has too few examples for %d)", what, q,
+               q_query)
+    return smp
+  log.warning("%s skipped: %s", what, err)
+  return None
+
+
 def _proto_logits(fs, ys, fq, n_way):
   c = inner_lib.prototypes(fs, ys, n_way)
   return -(jnp.sum(fq * fq, -1, keepdims=True) - 2.0 * fq @ c.T + jnp.sum(c * c, -1))
@@ -184,18 +204,14 @@ def _split_data(encoder, data_cfg, split, templates, max_examples) -> SplitData:
 def _few_shot_table(data: dict[str, SplitData], fcfg, scale, bias, seed, transform=None,
                     methods=None) -> dict:
   """{method: {split: {setting: summary}}} on (optionally transformed) features."""
-  from fszjax.data.episodes import EpisodeError, EpisodeSampler
-
   out: dict = {}
   for split, d in data.items():
     feats = d.feats if transform is None else transform(d.feats)
     for setting in fcfg.settings:
       n_way, k_shot = parse_setting(setting)
-      try:
-        sampler = EpisodeSampler(np.arange(len(feats)), d.labels, n_way=n_way, k_shot=k_shot,
-                                 q_query=int(fcfg.q_query), seed=seed)
-      except EpisodeError as e:
-        log.warning("%s %s skipped: %s", split, setting, e)
+      sampler = _sampler(np.arange(len(feats)), d.labels, n_way, k_shot, int(fcfg.q_query),
+                         seed, f"{split} {setting}")
+      if sampler is None:
         continue
       fn = make_episode_eval(n_way, scale, bias, fcfg)
       accs = _episodes_on_features(sampler, int(fcfg.episodes), int(fcfg.episode_batch), fn,
@@ -406,8 +422,6 @@ def run_conv4(config, workdir) -> dict:
       raise SystemExit(0)
   ckpt.close()
   # ---- evaluation.
-  from fszjax.data.episodes import EpisodeError
-
   methods: dict = {}
   for split in fcfg.splits:
     arrays = pipeline.load_split_arrays(config.data, split, fcfg.get("max_examples", 0) or None)
@@ -416,11 +430,9 @@ def run_conv4(config, workdir) -> dict:
     pix = pix / np.maximum(np.linalg.norm(pix, axis=1, keepdims=True), 1e-6)
     for setting in fcfg.settings:
       n_way, k_shot = parse_setting(setting)
-      try:
-        smp = EpisodeSampler(np.arange(len(x)), arrays["label"], n_way=n_way, k_shot=k_shot,
-                             q_query=int(fcfg.q_query), seed=config.seed + 17)
-      except EpisodeError as e:
-        log.warning("%s %s skipped: %s", split, setting, e)
+      smp = _sampler(np.arange(len(x)), arrays["label"], n_way, k_shot, int(fcfg.q_query),
+                     config.seed + 17, f"{split} {setting}")
+      if smp is None:
         continue
       ecfg = dataclasses.replace(mcfg, n_way=n_way)
       eval_params = meta_params
