@@ -80,13 +80,14 @@ def _section(cfg: dict, dotted: str) -> dict:
 
 
 def resolve_settings(config: Any = None, **kwargs) -> dict:
-  """Merged settings: DEFAULTS < config sections (known keys) < kwargs (unknown -> error).
+  """Merged settings: DEFAULTS < config (known keys) < kwargs (unknown -> error).
 
-  Sections (`SECTIONS`): ``adapt``, ``fewshot``, ``fewshot.meta``, ``bench_adapt``; from the
+  Config keys are read from its top level, then its sections (`SECTIONS`): ``adapt``, ``fewshot``, ``fewshot.meta``, ``bench_adapt``; from the
   first three the timing keys (`RUN_KEYS`) are ignored.
   """
   out = dict(DEFAULTS)
   cfg = _as_dict(config)
+  out.update({k: v for k, v in cfg.items() if k in DEFAULTS})  # a flat mapping of settings
   for name in SECTIONS:
     sec = _section(cfg, name)
     skip = () if name == "bench_adapt" else RUN_KEYS

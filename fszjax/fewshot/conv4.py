@@ -28,8 +28,14 @@ Formulations of the convolution (``formulation=``), all numerically the same fun
 - ``'s2d'``: space-to-depth: the padded input reshaped to ``(H/2, W/2, 4*Cin)`` and a 2x2
   stride-1 im2col over it with contiguous slices (16/9 more flops, no strided access).
 - ``'conv'``: ``lax.conv_general_dilated`` (the reference). Under ``vmap`` over tasks with
-  per-task weights JAX lowers it to a grouped convolution, which XLA:CPU runs slowly; it
-  is the right choice on GPU/TPU.
+  per-task weights JAX lowers it to a grouped convolution, which XLA:CPU runs slowly.
+  On GPU/TPU it is the natural choice (cuDNN / TPU convolutions; not measured here).
+
+Measured (2-vCPU AMD EPYC VM shared with other jobs, load ~3, 2026-11-27; second-order
+MAML, 5-way 1-shot, 5 inner steps, meta-batch 32, per-task batch norm, chunks of 4 tasks,
+remat; `benchmarks/bench_maml.py`): im2col 48.5 tasks/s (61.1 with the meta-batch
+sharded over 2 CPU devices), patches 29.4, s2d 26.5, conv 3.7. bfloat16 matmul operands
+(``compute_dtype``) were not faster on this CPU (the casts cost what the dots save).
 
 The functions below treat one task (leading axis = examples). Algorithms ``vmap`` them
 over tasks; the matmul formulations then become batched matmuls with the task axis as
@@ -50,8 +56,6 @@ NORMS = ("batch", "none")
 POOLS = ("mean", "flatten")
 BN_EPS = 1e-3
 DEFAULT_FORMULATION = "im2col"
-import os as _os
-_DIRECT_MAX_CIN = int(_os.environ.get("FSZ_DIRECT", 0))
 
 
 def _check(name, value, allowed):
@@ -139,21 +143,6 @@ def _s2d_weight(w: jax.Array) -> jax.Array:
   return wr.transpose(0, 2, 1, 3, 4, 5).reshape(16 * cin, o)
 
 
-def _direct(x: jax.Array, w: jax.Array) -> jax.Array:
-  """Sum over the 9 taps of (strided input slice) x (tap weights): no matmul (for tiny Cin)."""
-  b, h, wd, c = x.shape
-  ho, wo = _out_size(h), _out_size(wd)
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  out = None
-  for i in range(3):
-    for j in range(3):
-      xs = lax.slice(xp, (0, i, j, 0), (b, i + 2 * ho - 1, j + 2 * wo - 1, c), (1, 2, 2, 1))
-      term = xs[..., :, None] * w[i, j]  # (B, Ho, Wo, C, O)
-      term = jnp.sum(term, axis=-2) if c > 1 else term[..., 0, :]
-      out = term if out is None else out + term
-  return out
-
-
 def _matmul(cols: jax.Array, wmat: jax.Array, compute_dtype) -> jax.Array:
   """(B, H, W, K) @ (K, O) -> (B, H, W, O) in float32, operands cast to compute_dtype."""
   if compute_dtype is not None:
@@ -177,8 +166,6 @@ def conv3x3s2(x: jax.Array, w: jax.Array, formulation: str = DEFAULT_FORMULATION
   cin, o = w.shape[2], w.shape[3]
   if compute_dtype is not None:  # cast before im2col: the patches are built in compute_dtype
     x = x.astype(compute_dtype)
-  if formulation == "im2col" and cin <= _DIRECT_MAX_CIN:
-    return _direct(x, w)
   if formulation == "im2col":
     return _matmul(_im2col(x), w.reshape(9 * cin, o), compute_dtype)
   if formulation == "patches":

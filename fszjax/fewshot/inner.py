@@ -191,7 +191,10 @@ def inner_loop(loss_fn: Callable[[Params], jax.Array], params: Params, *, steps:
       entries of frozen leaves are ignored).
     mask: pytree of bools from `adapt_mask`; None adapts everything.
     first_order: drop second-order terms (gradients of the inner gradients) as in FOMAML.
-    remat: `jax.checkpoint` each inner step: memory O(1) in steps for an extra forward.
+    remat: `jax.checkpoint` each inner step: the backward pass keeps only each step's
+      parameters and recomputes its activations (memory of one step's activations, for an
+      extra forward/backward of the support set per step).
+    unroll: `lax.scan` unroll factor.
   Returns:
     (adapted params, support losses (steps,) before each step).
   """
