@@ -35,15 +35,23 @@ echo "== 1/5 prepare Glyphs -> $DATA"
 "${FSZ[@]}" prepare glyphs --data_dir "$DATA"
 
 echo "== 2/5 pretrain (configs/glyphs.py) -> $RUN/pretrain"
-"${FSZ[@]}" pretrain --config configs/glyphs.py --workdir "$RUN/pretrain" \
-  --config.data.data_dir="$DATA" --config.progress=False
+if [[ -f "$RUN/pretrain/summary.json" ]]; then
+  echo "   done already (summary.json); --fresh to redo"
+else  # resumes from the last checkpoint after an interruption
+  "${FSZ[@]}" pretrain --config configs/glyphs.py --workdir "$RUN/pretrain" \
+    --config.data.data_dir="$DATA" --config.progress=False
+fi
 
-if [[ -f configs/glyphs_fewshot.py ]]; then
+if [[ -f "$RUN/adapt/results.json" ]]; then
+  echo "== 3/5 few-shot adaptation: done already ($RUN/adapt/results.json)"
+elif [[ -f configs/glyphs_fewshot.py ]]; then
   echo "== 3/5 few-shot adaptation of the pretrained towers -> $RUN/adapt"
   "${FSZ[@]}" adapt --config configs/glyphs_fewshot.py --workdir "$RUN/adapt" \
     --config.init_from="$RUN/pretrain" --config.data.data_dir="$DATA"
 fi
-if [[ -f configs/glyphs_maml_conv4.py ]]; then
+if [[ -f "$RUN/maml_conv4/results.json" ]]; then
+  echo "== 4/5 Conv-4 MAML: done already ($RUN/maml_conv4/results.json)"
+elif [[ -f configs/glyphs_maml_conv4.py ]]; then
   echo "== 4/5 Conv-4 MAML from scratch -> $RUN/maml_conv4"
   "${FSZ[@]}" adapt --config configs/glyphs_maml_conv4.py --workdir "$RUN/maml_conv4" \
     --config.data.data_dir="$DATA"

@@ -90,4 +90,4 @@ def test_conv4_meta_training_resumes(gdir, tmp_path):
   a = r1["methods"]["conv4_maml"]["test_classes"]["5way1shot"]
   b = r2["methods"]["conv4_maml"]["test_classes"]["5way1shot"]
   assert a == b  # same episodes, same meta-parameters after resuming at step 2
-  assert "pixels_protonet" in r1["methods"]
+  assert "pixels_protonet_28px" in r1["methods"]

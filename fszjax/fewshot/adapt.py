@@ -457,11 +457,11 @@ def run_conv4(config, workdir) -> dict:
         done += tcount
       methods.setdefault(f"conv4_{m.algorithm}", {}).setdefault(split, {})[setting] = summarize(
           np.concatenate(accs))
-      methods.setdefault("pixels_protonet", {}).setdefault(split, {})[setting] = summarize(
+      methods.setdefault(f"pixels_protonet_{size}px", {}).setdefault(split, {})[setting] = summarize(
           np.concatenate(paccs))
       log.info("%s %s: %s %.3f, pixels %.3f", split, setting, m.algorithm,
                methods[f"conv4_{m.algorithm}"][split][setting]["mean"],
-               methods["pixels_protonet"][split][setting]["mean"])
+               methods[f"pixels_protonet_{size}px"][split][setting]["mean"])
   return {"methods": methods, "meta_training": {"steps": total, "algorithm": m.algorithm,
                                                 "train_setting": m.train_setting}}
 
