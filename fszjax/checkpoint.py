@@ -162,26 +162,6 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params_from(path: str, abstract_params=None):
-  """Reads the params of a checkpoint step directory, a checkpoints directory (latest step)
-  or a workdir. Returns the params tree (numpy/jax arrays, on the abstract shardings when
-  given, else as saved)."""
-  step_dir = resolve_step_dir(path)
-  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  if abstract_params is not None:
-    target = {"params": abstract_params}
-    restored = checkpointer.restore(
-        step_dir, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True)))
-    return restored["state"]["params"]
-  meta = checkpointer.metadata(step_dir)
-  del meta
-  restored = checkpointer.restore(
-      step_dir, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
-  return restored["state"]["params"]
-
-
 def resolve_step_dir(path: str) -> str:
   """workdir | workdir/checkpoints | workdir/checkpoints/<step> -> the step directory."""
   path = os.path.abspath(os.path.expanduser(path))

@@ -29,20 +29,13 @@ def _encoder_flops(tokens: int, width: int, depth: int, mlp: int) -> float:
   return depth * per_layer
 
 
-def tower_dims(tcfg, variant_table_lookup):
-  dims, patch = variant_table_lookup(tcfg.variant)
-  w, d, m, h = dims
-  return ((tcfg.get("width", 0) or w), (tcfg.get("depth", 0) or d), (tcfg.get("mlp_dim", 0) or m),
-          patch)
-
-
 def forward_flops_per_example(mcfg, global_batch: int) -> float:
   """Forward FLOPs per example of the contrastive model described by ``config.model``."""
-  from fszjax.models import vit
+  from fszjax.models.two_tower import tower_dims
 
   icfg, tcfg = mcfg.image, mcfg.text
-  iw, idp, im, ipatch = tower_dims(icfg, vit.parse_variant)
-  patch = icfg.get("patch_size", 0) or ipatch or 16
+  iw, idp, im, _, patch = tower_dims(icfg)
+  patch = patch or 16
   size = icfg.image_size
   channels = icfg.get("channels", 3)
   n_patch = (size // patch) ** 2
@@ -54,7 +47,7 @@ def forward_flops_per_example(mcfg, global_batch: int) -> float:
     f += 2 * iw * iw * 2 + 2 * 2 * t_img * iw * iw + 2 * 2 * t_img * iw + 2 * 2 * iw * im
   if embed and icfg.get("proj", True):
     f += 2 * iw * embed
-  tw, tdp, tm, _ = tower_dims(tcfg, vit.parse_variant)
+  tw, tdp, tm, _, _ = tower_dims(tcfg)
   f += _encoder_flops(tcfg.max_len, tw, tdp, tm)
   if embed and tcfg.get("proj", True):
     f += 2 * tw * embed

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fszjax import losses, sharding
 from fszjax.models.two_tower import TwoTower, build_model
+from fszjax.tree import path_str
 
 
 @flax.struct.dataclass
@@ -44,24 +45,11 @@ class TrainState:
 # ----------------------------------------------------------------------------- optimizer
 
 
-def _path_str(path) -> str:
-  parts = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      if k.name != "value":
-        parts.append(k.name)
-    else:
-      parts.append(str(getattr(k, "idx", k)))
-  return "/".join(parts)
-
-
 def decay_mask(params):
   """True for weights that get weight decay: kernels and embeddings (not norms, biases,
   position embeddings, class tokens, probes, logit scale/bias)."""
   def one(path, _):
-    last = _path_str(path).split("/")[-1]
+    last = path_str(path).split("/")[-1]
     return last in ("kernel", "embedding")
   return jax.tree_util.tree_map_with_path(one, params)
 
@@ -71,7 +59,7 @@ def frozen_labels(params, patterns) -> Any:
   regs = [re.compile(p) for p in patterns]
 
   def one(path, _):
-    s = _path_str(path)
+    s = path_str(path)
     return "frozen" if any(r.search(s) for r in regs) else "trained"
   return jax.tree_util.tree_map_with_path(one, params)
 
@@ -323,10 +311,6 @@ class TrainingDiverged(RuntimeError):
   user_error = True
 
 
-def _path_tree(params):
-  return jax.tree_util.tree_map_with_path(lambda p, _: _path_str(p), params)
-
-
 def init_params_from(state: TrainState, path: str, keys: str = "") -> tuple[TrainState, int]:
   """Copies params from another run's checkpoint into `state` (all, or those whose path
   matches the regex `keys`, e.g. ``^img/`` for LiT). Shapes must agree."""
@@ -335,14 +319,14 @@ def init_params_from(state: TrainState, path: str, keys: str = "") -> tuple[Trai
   from fszjax import checkpoint
 
   src = checkpoint.load_params_numpy(path)
-  src_flat = {_path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(src)[0]}
+  src_flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(src)[0]}
   reg = re.compile(keys) if keys else None
   copied = 0
   missing: list[str] = []
 
   def one(p, x):
     nonlocal copied
-    name = _path_str(p)
+    name = path_str(p)
     if reg is not None and not reg.search(name):
       return x
     if name not in src_flat:

@@ -33,9 +33,8 @@ def _merge_methods(*results):
     if not r:
       continue
     for m, per in r.get("methods", {}).items():
-      name = m if m != "pixels_protonet" or m not in out else m
       for split, settings in per.items():
-        out.setdefault(name, {}).setdefault(split, {}).update(settings)
+        out.setdefault(m, {}).setdefault(split, {}).update(settings)
   return out
 
 

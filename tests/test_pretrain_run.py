@@ -114,13 +114,13 @@ def test_restore_onto_other_meshes(reference_run, gdir, mesh):
   else:
     d, f = mesh.split(",")
     overrides += [("mesh.data", d), ("mesh.fsdp", f)]
-  out = evaluate_out = os.path.join(wd, f"eval_{mesh.replace(',', 'x')}.json")
+  out = os.path.join(wd, f"eval_{mesh.replace(',', 'x')}.json")
   result = train_cli.evaluate_checkpoint(wd, None, overrides, devices=devices, out_path=out)
   assert result["steps"] == 12
   for split in summary["zeroshot"]:
     for k in ("top1", "top5"):
       assert result["zeroshot"][split][k] == pytest.approx(summary["zeroshot"][split][k], abs=1e-9)
-  assert json.load(open(evaluate_out))["steps"] == 12
+  assert json.load(open(out))["steps"] == 12
 
 
 def test_restored_params_identical_on_one_device(reference_run, gdir):

@@ -278,31 +278,18 @@ def main(argv: Any = None, overrides: Sequence[tuple[str, str]] | None = None) -
   """
   kwargs: dict[str, Any] = {}
   if argv is None or isinstance(argv, (list, tuple)):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    path, ovr = None, list(overrides or [])
-    i = 0
-    while i < len(argv):
-      a = argv[i]
-      if not a.startswith("--"):
-        raise SystemExit(f"fszjax bench adapt: unexpected argument {a!r}; use --key=value")
-      body = a[2:]
-      if "=" in body:
-        k, v = body.split("=", 1)
-      else:
-        if i + 1 >= len(argv):
-          raise SystemExit(f"fszjax bench adapt: {a} needs a value")
-        k, v = body, argv[i + 1]
-        i += 1
-      i += 1
-      if k == "config":
-        path = v
-      elif k.startswith("config."):
-        ovr.append((k[len("config."):], v))
-      elif k in DEFAULTS:
-        kwargs[k] = _parse_value(v)
-      else:
-        raise SystemExit(f"fszjax bench adapt: unknown flag --{k}; known: {sorted(DEFAULTS)}")
-    config = _load_config(path, ovr)
+    import argparse  # noqa: PLC0415
+
+    from fszjax.cli import split_overrides  # noqa: PLC0415  (argparse only: stays light)
+
+    ovr, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    parser = argparse.ArgumentParser(prog="fszjax bench adapt")
+    parser.add_argument("--config", default=None)
+    for k in DEFAULTS:
+      parser.add_argument(f"--{k}", default=None)
+    parsed = vars(parser.parse_args(rest))
+    kwargs = {k: _parse_value(v) for k, v in parsed.items() if k != "config" and v is not None}
+    config = _load_config(parsed["config"], list(overrides or []) + ovr)
   else:  # argparse namespace from fszjax.cli
     args = argv
     config = _load_config(getattr(args, "config", None), list(overrides or []))

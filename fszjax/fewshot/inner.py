@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fszjax.tree import path_str  # noqa: F401  (re-exported)
+
 Params = Any
 FeaturesFn = Callable[[Any, jax.Array], jax.Array]
 HEAD_INITS = ("learned", "zeros", "prototype", "zeroshot")
@@ -93,19 +95,6 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- masks
-
-
-def path_str(path) -> str:
-  """'/'-joined keys of a `jax.tree_util` key path, e.g. ``'backbone/conv3/w'``."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
 
 
 def head_only(path: str) -> bool:

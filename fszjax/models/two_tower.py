@@ -72,17 +72,19 @@ class TwoTower(nn.Module):
     return zimg, ztxt, out
 
 
-def _dims(cfg, variant_dims):
-  width, depth, mlp, heads = variant_dims
+def tower_dims(cfg) -> tuple[int, int, int, int, int | None]:
+  """``(width, depth, mlp_dim, num_heads, patch)`` of a tower config: the variant's
+  values unless overridden (0 = from the variant); patch is None when not given."""
+  (width, depth, mlp, heads), patch = vit.parse_variant(cfg.variant)
   return (cfg.get("width", 0) or width, cfg.get("depth", 0) or depth,
-          cfg.get("mlp_dim", 0) or mlp, cfg.get("num_heads", 0) or heads)
+          cfg.get("mlp_dim", 0) or mlp, cfg.get("num_heads", 0) or heads,
+          cfg.get("patch_size", 0) or patch)
 
 
 def build_image_tower(mcfg) -> vit.ViT:
   icfg = mcfg.image
-  dims, patch = vit.parse_variant(icfg.variant)
-  width, depth, mlp, heads = _dims(icfg, dims)
-  patch = icfg.get("patch_size", 0) or patch or 16
+  width, depth, mlp, heads, patch = tower_dims(icfg)
+  patch = patch or 16
   return vit.ViT(
       width=width, depth=depth, mlp_dim=mlp, num_heads=heads, patch_size=patch,
       embed_dim=(mcfg.embed_dim or None) if icfg.get("proj", True) else None,
@@ -98,8 +100,7 @@ def build_image_tower(mcfg) -> vit.ViT:
 
 def build_text_tower(mcfg) -> text.TextTower:
   tcfg = mcfg.text
-  dims, _ = vit.parse_variant(tcfg.variant)
-  width, depth, mlp, heads = _dims(tcfg, dims)
+  width, depth, mlp, heads, _ = tower_dims(tcfg)
   return text.TextTower(
       vocab_size=tcfg.vocab_size, width=width, depth=depth, mlp_dim=mlp, num_heads=heads,
       max_len=tcfg.max_len,
