@@ -23,6 +23,15 @@ def get_config(arg=None):
       head_steps=10, head_lr=0.5,  # zero-shot head adaptation (SGD on the support set)
       probe_steps=100, probe_lr=1.0,  # linear probe from zeros
   ))
+  # Meta-training of the image tower from the zero-shot head (ANIL: the head adapts with
+  # head_steps x head_lr SGD in the inner loop, the tower learns in the outer loop, second
+  # order); evaluated as method 'anil' (and 'anil_zeroshot') on the re-encoded splits.
+  c.fewshot.meta = ml_collections.ConfigDict(dict(
+      enabled=True, algorithm="anil", adapt="head", train_setting="5way5shot", q_query=5,
+      meta_batch=4, steps=100, outer_lr=1e-4, first_order=False, remat=False, task_chunk=0,
+      max_train_examples=0))
+  c.log_every = 25
+  c.checkpoint = ml_collections.ConfigDict(dict(save_every=50, keep=2))
   c.fewshot.dg = ml_collections.ConfigDict(dict(
       enabled=True, splits=["test_fonts", "test_both"], settings=["5way1shot", "5way5shot"],
       steps=300, batch_size=256, lr=1e-3, mldg_alpha=0.1, mldg_beta=1.0,

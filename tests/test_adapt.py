@@ -48,7 +48,8 @@ def _towers_cfg(gdir, pre, *extra):
 
 def test_towers_results_and_zero_step_adaptation_equals_zeroshot(gdir, pretrained, tmp_path):
   wd = str(tmp_path / "a")
-  cfg = _towers_cfg(gdir, pretrained, "--config.fewshot.head_steps=0")
+  cfg = _towers_cfg(gdir, pretrained, "--config.fewshot.head_steps=0",
+                    "--config.fewshot.meta.steps=0")
   res = adapt.run(cfg, wd)
   saved = json.load(open(os.path.join(wd, "results.json")))
   assert set(saved["methods"]) >= {"zeroshot", "protonet", "linear_probe", "zs_head_adapt",
@@ -58,6 +59,10 @@ def test_towers_results_and_zero_step_adaptation_equals_zeroshot(gdir, pretraine
     assert r["episodes"] == 40 and 0.0 <= r["mean"] <= 1.0 and r["ci95"] >= 0.0
     # 0 inner steps: the adapted head *is* the zero-shot classifier, episode by episode.
     assert res["methods"]["zs_head_adapt"][split]["5way1shot"] == r
+    # 0 meta-steps: the re-encoded splits give the pretrained tower's results exactly.
+    for setting in res["methods"]["zeroshot"][split]:
+      assert res["methods"]["anil"][split][setting] == res["methods"]["zs_head_adapt"][split][setting]
+      assert res["methods"]["anil_zeroshot"][split][setting] == res["methods"]["zeroshot"][split][setting]
   dg = saved["dg"]
   assert set(dg["zeroshot"]) >= {"pretrained", "finetune", "mldg", "wise_ft_0.5"}
   assert os.path.exists(os.path.join(wd, "results.md"))
@@ -91,3 +96,46 @@ def test_conv4_meta_training_resumes(gdir, tmp_path):
   b = r2["methods"]["conv4_maml"]["test_classes"]["5way1shot"]
   assert a == b  # same episodes, same meta-parameters after resuming at step 2
   assert "pixels_protonet_28px" in r1["methods"]
+
+
+def test_towers_meta_training_changes_the_tower_and_resumes(gdir, pretrained, tmp_path):
+  from fszjax import checkpoint
+
+  wd = str(tmp_path / "m")
+  extra = ["--config.fewshot.dg.enabled=False", "--config.fewshot.settings=['5way1shot']",
+           "--config.fewshot.meta.train_setting=5way1shot", "--config.fewshot.meta.q_query=1",
+           "--config.fewshot.meta.meta_batch=2", "--config.fewshot.meta.outer_lr=1e-2",
+           "--config.fewshot.head_steps=2", "--config.checkpoint.save_every=2",
+           "--config.log_every=1"]
+  r1 = adapt.run(_towers_cfg(gdir, pretrained, *extra, "--config.fewshot.meta.steps=2"), wd)
+  assert r1["meta_training"]["steps"] == 2 and {"anil", "anil_zeroshot"} <= set(r1["methods"])
+  ck = checkpoint.Checkpointer(os.path.join(wd, "meta_checkpoints"), read_only=True)
+  assert max(ck.all_steps()) == 2
+  trained = checkpoint.load_params_numpy(os.path.join(wd, "meta_checkpoints", "2"))
+  before = checkpoint.load_params_numpy(pretrained)["img"]
+  import jax
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                       trained["backbone"], before)
+  assert max(jax.tree.leaves(moved)) > 1e-4  # the outer loop trained the image tower
+  # A rerun restores the finished meta-training instead of redoing it: identical results.
+  r2 = adapt.run(_towers_cfg(gdir, pretrained, *extra, "--config.fewshot.meta.steps=2"), wd)
+  assert r2["methods"]["anil"] == r1["methods"]["anil"]
+
+
+@pytest.mark.parametrize("rotations", [[0], [0, 90, 180, 270], [0, 180]])
+def test_rotation_classes(rotations):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(6, 5, 5, 1)).astype(np.float32)
+  y = np.array([0, 0, 1, 1, 2, 2])
+  xs, ys = adapt.rotation_classes(x, y, rotations)
+  assert len(xs) == len(ys) == 6 * len(rotations)
+  for i, r in enumerate(rotations):
+    np.testing.assert_array_equal(xs[6 * i:6 * (i + 1)], np.rot90(x, r // 90, axes=(1, 2)))
+    np.testing.assert_array_equal(ys[6 * i:6 * (i + 1)], y + 3 * i)
+
+
+def test_rotation_classes_rejects_bad_angles():
+  x, y = np.zeros((2, 4, 4, 1)), np.array([0, 1])
+  for bad in ([45], [0, 360], []):
+    with pytest.raises(adapt.AdaptError, match="multiples of 90"):
+      adapt.rotation_classes(x, y, bad)

@@ -164,6 +164,7 @@ class SplitData:
   pix: np.ndarray  # (N, P) normalised pixels
   class_names: list
   domain_names: list | None = None
+  images: np.ndarray | None = None  # kept when the towers are meta-trained (re-encoded after)
 
 
 def _load_towers(config):
@@ -185,20 +186,26 @@ def _load_towers(config):
   return pre, build_model(pre.model), jax.tree.map(jnp.asarray, params)
 
 
-def _split_data(encoder, data_cfg, split, templates, max_examples) -> SplitData:
+def _image_feats(encoder, images) -> np.ndarray:
+  from fszjax import evaluate
+
+  return evaluate._normalize(encoder.images(images)).astype(np.float32)  # pylint: disable=protected-access
+
+
+def _split_data(encoder, data_cfg, split, templates, max_examples, keep_images=False) -> SplitData:
   from fszjax import evaluate
   from fszjax.data import pipeline
 
   arrays = pipeline.load_split_arrays(data_cfg, split, max_examples)
   arrays = evaluate._remap_to_present(arrays)  # pylint: disable=protected-access
-  feats = evaluate._normalize(encoder.images(arrays["image"]))  # pylint: disable=protected-access
+  feats = _image_feats(encoder, arrays["image"])
   text = evaluate.zero_shot_classifier(encoder.texts, arrays["class_names"], templates)
   pix = arrays["image"].reshape(len(feats), -1)
   pix = pix / np.maximum(np.linalg.norm(pix, axis=1, keepdims=True), 1e-6)
-  return SplitData(feats.astype(np.float32), np.asarray(arrays["label"]),
+  return SplitData(feats, np.asarray(arrays["label"]),
                    np.asarray(arrays.get("domain", np.zeros(len(feats), np.int64))),
                    text.astype(np.float32), pix.astype(np.float32), list(arrays["class_names"]),
-                   arrays.get("domain_name"))
+                   arrays.get("domain_name"), arrays["image"] if keep_images else None)
 
 
 def _few_shot_table(data: dict[str, SplitData], fcfg, scale, bias, seed, transform=None,
@@ -328,19 +335,93 @@ def run_towers(config, workdir) -> dict:
   scale = float(jnp.exp(t))
   bias = float(b) if b is not None else 0.0
   templates = list(pipeline.prompt_templates(data_cfg))
+  meta_on = bool(fcfg.get("meta", {}) and fcfg.meta.get("enabled", False))
   data = {}
   for split in fcfg.splits:
-    data[split] = _split_data(encoder, data_cfg, split, templates, fcfg.get("max_examples", 0) or None)
+    data[split] = _split_data(encoder, data_cfg, split, templates,
+                              fcfg.get("max_examples", 0) or None, keep_images=meta_on)
     log.info("features of %s: %d images, %d classes", split, len(data[split].labels),
              len(data[split].class_names))
   results = {"methods": _few_shot_table(data, fcfg, scale, bias, config.seed),
              "zeroshot_top1": {sp: _zeroshot_top1(d.feats, d, scale) for sp, d in data.items()}}
+  train = None
+  if fcfg.dg.enabled or meta_on:
+    max_train = (fcfg.meta.get("max_train_examples", 0) if meta_on else 0) or \
+        fcfg.dg.get("max_train_examples", 0) or None
+    train = _split_data(encoder, data_cfg, pre.data.train_split, templates, max_train,
+                        keep_images=meta_on)
+  if meta_on:
+    meta = _meta_towers(config, workdir, pre.model, model, params, encoder, train, data, scale,
+                        bias)
+    results["methods"].update(meta.pop("methods"))
+    results.update(meta)
   if fcfg.dg.enabled:
-    train = _split_data(encoder, data_cfg, pre.data.train_split, templates,
-                        fcfg.dg.get("max_train_examples", 0) or None)
     evals = {sp: data[sp] for sp in fcfg.dg.splits if sp in data}
     results["dg"] = _dg(config, train, evals, scale, bias, fcfg)
   return results
+
+
+def towers_meta_cfg(fcfg, scale: float, bias: float) -> meta_lib.MetaConfig:
+  """Meta-learning of the image tower from the zero-shot head: the inner loop is the one
+  `zs_head_adapt` evaluates (``head_steps`` SGD steps of ``head_lr`` from the text
+  tower's classifier), so at evaluation the meta-trained tower runs that same method."""
+  m = fcfg.meta
+  if m.algorithm not in ("anil", "fomaml", "maml"):
+    raise AdaptError(f"config.fewshot.meta.algorithm={m.algorithm!r} for the towers: use "
+                     "'anil' (head adapts) or 'maml' / 'fomaml' with adapt='head'")
+  adapt = m.get("adapt", "head")
+  if adapt != "head":
+    raise AdaptError(f"config.fewshot.meta.adapt={adapt!r}: for the towers the inner loop adapts "
+                     "the zero-shot head ('head'); evaluation re-encodes each split once with "
+                     "the meta-trained tower")
+  n_way, _ = parse_setting(m.train_setting)
+  return meta_lib.MetaConfig(
+      algorithm=m.algorithm, n_way=n_way, inner_steps=int(fcfg.head_steps),
+      inner_lr=float(fcfg.head_lr), adapt="head", first_order=bool(m.first_order),
+      remat=bool(m.get("remat", False)), head_init="zeroshot", logit_scale=scale,
+      logit_bias=bias, task_chunk=int(m.get("task_chunk", 0)))
+
+
+def _meta_towers(config, workdir, model_cfg, model, params, encoder, train: SplitData,
+                 data: dict[str, SplitData], scale: float, bias: float) -> dict:
+  """Meta-trains the image tower (ANIL: the zero-shot head adapts in the inner loop, the
+  tower learns in the outer loop) on train-split tasks, then re-encodes every evaluation
+  split and reports ``{alg}`` (zero-shot head adapted on the meta-trained tower) and
+  ``{alg}_zeroshot``."""
+  from fszjax import evaluate
+  from fszjax.data.episodes import EpisodeSampler
+  from fszjax.fewshot import inner
+  from fszjax.models.two_tower import build_image_tower
+
+  fcfg, m = config.fewshot, config.fewshot.meta
+  mcfg = towers_meta_cfg(fcfg, scale, bias)
+  tower = build_image_tower(model_cfg)
+
+  def features_fn(backbone, x):
+    z, _ = tower.apply({"params": backbone}, x)
+    return inner.l2_normalize(z)
+
+  n_way, k_shot = parse_setting(m.train_setting)
+  sampler = EpisodeSampler(train.images, train.labels, n_way=n_way, k_shot=k_shot,
+                           q_query=int(m.q_query), seed=config.seed)
+  t0 = time.perf_counter()
+  meta_params = meta_train(config, os.path.join(workdir, "meta_checkpoints"), features_fn, mcfg,
+                           {"backbone": params["img"]},
+                           lambda step: _tasks(sampler.sample(step, int(m.meta_batch)), train.text))
+  train_s = time.perf_counter() - t0
+  enc = evaluate.Encoder(model, {**params, "img": meta_params["backbone"]}, encoder.tokenizer,
+                         max_len=encoder.max_len)
+  meta_data = {sp: dataclasses.replace(d, feats=_image_feats(enc, d.images))
+               for sp, d in data.items()}
+  table = _few_shot_table(meta_data, fcfg, scale, bias, config.seed,
+                          methods=("zs_head_adapt", "zeroshot"))
+  names = {"zs_head_adapt": m.algorithm, "zeroshot": f"{m.algorithm}_zeroshot"}
+  return {"methods": {names[k]: v for k, v in table.items()},
+          "meta_training": {"steps": int(m.steps), "algorithm": m.algorithm,
+                            "train_setting": m.train_setting, "meta_batch": int(m.meta_batch),
+                            "wall_time_s": train_s},
+          "zeroshot_top1_meta": {sp: _zeroshot_top1(d.feats, d, scale)
+                                 for sp, d in meta_data.items()}}
 
 
 # ============================================================================ Conv-4 meta-learning
@@ -363,30 +444,26 @@ def _meta_cfg(fcfg, n_way: int) -> meta_lib.MetaConfig:
       eval_inner_steps=int(m.eval_inner_steps) or None, task_chunk=int(m.task_chunk))
 
 
-def run_conv4(config, workdir) -> dict:
-  from fszjax import checkpoint
-  from fszjax.data import pipeline
-  from fszjax.data.episodes import EpisodeSampler
-  from fszjax.fewshot import conv4
+def _tasks(ep: dict, text: np.ndarray | None = None) -> dict:
+  """The arrays of a sampled meta-batch that the meta-step takes (+ class text embeddings)."""
+  tasks = {k: ep[k] for k in ("support_x", "support_y", "query_x", "query_y")}
+  if text is not None:
+    tasks["text_emb"] = text[ep["classes"]]
+  return tasks
 
-  fcfg, m = config.fewshot, config.fewshot.meta
-  size = int(fcfg.image_size)
-  train = pipeline.load_split_arrays(config.data, config.data.train_split,
-                                     fcfg.get("max_train_examples", 0) or None)
-  train_x = _resize(train["image"], size)
-  n_way_train, k_train = parse_setting(m.train_setting)
-  sampler = EpisodeSampler(train_x, train["label"], n_way=n_way_train, k_shot=k_train,
-                           q_query=int(m.q_query), seed=config.seed)
-  features_fn = conv4.make_conv4_features_fn(m.get("formulation", conv4.DEFAULT_FORMULATION))
-  mcfg = _meta_cfg(fcfg, n_way_train)
-  params = conv4.init_conv4(jax.random.key(config.seed), n_way_train, hidden=int(m.hidden),
-                            image_size=size)
-  meta_params = meta_lib.init_meta_params(mcfg, params)
+
+def meta_train(config, ckpt_dir: str, features_fn, mcfg: meta_lib.MetaConfig, meta_params,
+               sample: Callable[[int], dict]):
+  """Meta-trains ``config.fewshot.meta.steps`` steps on ``sample(step)`` meta-batches, with
+  Orbax checkpoints in `ckpt_dir` and exact resume (batches are drawn by step index);
+  stops cleanly on preemption (SIGTERM) and on a non-finite loss. Returns the meta-params."""
+  from fszjax import checkpoint
+
+  m = config.fewshot.meta
   opt = optax.sgd(float(m.outer_lr)) if m.algorithm == "reptile" else optax.adam(float(m.outer_lr))
   opt_state = opt.init(meta_params)
   step_fn = meta_lib.make_meta_step(features_fn, mcfg, opt, donate=False)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 save_every=int(config.checkpoint.save_every),
+  ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=int(config.checkpoint.save_every),
                                  keep=int(config.checkpoint.keep), async_save=False)
   state = {"step": jnp.zeros((), jnp.int32), "params": meta_params, "opt_state": opt_state}
   start = 0
@@ -398,11 +475,8 @@ def run_conv4(config, workdir) -> dict:
   ckpt.reached_preemption(start)  # JAX's sync point counts from the last reported step
   total = int(m.steps)
   t0, tasks_done = time.perf_counter(), 0
-  metrics = None
   for step in range(start + 1, total + 1):
-    tasks = sampler.sample(step, int(m.meta_batch))  # random access: exact resume
-    tasks = {k: tasks[k] for k in ("support_x", "support_y", "query_x", "query_y")}
-    meta_params, opt_state, metrics = step_fn(meta_params, opt_state, tasks)
+    meta_params, opt_state, metrics = step_fn(meta_params, opt_state, sample(step))
     tasks_done += int(m.meta_batch)
     if step % int(config.log_every) == 0 or step == total:
       host = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -421,6 +495,51 @@ def run_conv4(config, workdir) -> dict:
       log.warning("preempted at meta step %d; rerun the same command to resume", step)
       raise SystemExit(0)
   ckpt.close()
+  return meta_params
+
+
+def rotation_classes(images: np.ndarray, labels: np.ndarray,
+                     rotations: list[int]) -> tuple[np.ndarray, np.ndarray]:
+  """Class augmentation by rotation (the Omniglot convention): every rotation in degrees
+  (multiples of 90, 0 = the originals) turns each class into a new class.
+
+  Returns ``(images, labels)`` with ``len(rotations)`` times as many of each; rotation i
+  of class c gets label ``c + i * num_classes``.
+  """
+  rotations = [int(r) for r in rotations]
+  if not rotations or any(r % 90 for r in rotations) or len(set(r % 360 for r in rotations)) < len(rotations):
+    raise AdaptError(f"config.fewshot.meta.rotations={rotations} must be distinct multiples of "
+                     "90 degrees, e.g. [0] (none) or [0, 90, 180, 270]")
+  if rotations == [0]:
+    return images, labels
+  labels = np.asarray(labels)
+  n_cls = int(labels.max()) + 1
+  xs = [np.rot90(images, (r // 90) % 4, axes=(1, 2)) for r in rotations]
+  ys = [labels + i * n_cls for i in range(len(rotations))]
+  return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
+
+
+def run_conv4(config, workdir) -> dict:
+  from fszjax.data import pipeline
+  from fszjax.data.episodes import EpisodeSampler
+  from fszjax.fewshot import conv4
+
+  fcfg, m = config.fewshot, config.fewshot.meta
+  size = int(fcfg.image_size)
+  train = pipeline.load_split_arrays(config.data, config.data.train_split,
+                                     fcfg.get("max_train_examples", 0) or None)
+  train_x, train_y = rotation_classes(_resize(train["image"], size), train["label"],
+                                      list(m.get("rotations", [0])))
+  n_way_train, k_train = parse_setting(m.train_setting)
+  sampler = EpisodeSampler(train_x, train_y, n_way=n_way_train, k_shot=k_train,
+                           q_query=int(m.q_query), seed=config.seed)
+  features_fn = conv4.make_conv4_features_fn(m.get("formulation", conv4.DEFAULT_FORMULATION))
+  mcfg = _meta_cfg(fcfg, n_way_train)
+  params = conv4.init_conv4(jax.random.key(config.seed), n_way_train, hidden=int(m.hidden),
+                            image_size=size)
+  meta_params = meta_lib.init_meta_params(mcfg, params)
+  meta_params = meta_train(config, os.path.join(workdir, "checkpoints"), features_fn, mcfg,
+                           meta_params, lambda step: _tasks(sampler.sample(step, int(m.meta_batch))))
   # ---- evaluation.
   methods: dict = {}
   for split in fcfg.splits:
@@ -462,7 +581,7 @@ def run_conv4(config, workdir) -> dict:
       log.info("%s %s: %s %.3f, pixels %.3f", split, setting, m.algorithm,
                methods[f"conv4_{m.algorithm}"][split][setting]["mean"],
                methods[f"pixels_protonet_{size}px"][split][setting]["mean"])
-  return {"methods": methods, "meta_training": {"steps": total, "algorithm": m.algorithm,
+  return {"methods": methods, "meta_training": {"steps": int(m.steps), "algorithm": m.algorithm,
                                                 "train_setting": m.train_setting}}
 
 
