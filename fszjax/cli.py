@@ -110,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return int(args.func(args, overrides) or 0)
   except KeyboardInterrupt:
-    print("fszjax: interrupted", file=sys.stderr)
+    print("fszjax: interrupted; rerun the same command to continue from the last checkpoint",
+          file=sys.stderr)
     return 130
   except Exception as e:  # pylint: disable=broad-except
     from fszjax.errors import is_user_error

@@ -29,7 +29,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fszjax import losses, sharding
+from fszjax import interrupt, losses, sharding
 from fszjax.models.two_tower import TwoTower, build_model
 from fszjax.tree import path_str
 
@@ -438,8 +438,10 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
   last_eval = None
   metrics = None
   step = start
-  stopped_early = False
+  stopped_early = interrupted = False
+  stop_request = interrupt.StopRequest("pretraining")
   try:
+    stop_request.__enter__()
     for step in range(start + 1, total + 1):
       batch = next(train_iter)
       gbatch = sharding.host_to_global(
@@ -469,7 +471,8 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
       if row is not None:
         writer.write(step, row)
       preempted = ckpt.reached_preemption(step)
-      stop_now = stop_at is not None and step >= stop_at
+      interrupted = stop_request.requested
+      stop_now = (stop_at is not None and step >= stop_at) or interrupted
       if ckpt.should_save(step) or step == total or preempted or stop_now:
         _finite_or_raise(float(jax.device_get(metrics["loss"])), step, ckpt)
         ckpt.save(step, state, train_iter, config, metrics=eval_metrics, force=True)
@@ -477,11 +480,16 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         stopped_early = True
         if is_main:
           log.warning("stopping at step %d (%s); rerun the same command to resume", step,
-                      "preemption" if preempted else "stop_at")
+                      "preemption" if preempted else "Ctrl-C" if interrupted else "stop_at")
         break
   finally:
+    stop_request.__exit__(None, None, None)
     ckpt.wait()
     progress.close()
+  if interrupted:
+    ckpt.close()
+    writer.close()
+    raise KeyboardInterrupt
   wall = time.perf_counter() - t_start
   summary = {"steps": int(step), "stopped_early": stopped_early}
   if not stopped_early:

@@ -139,3 +139,37 @@ def test_rotation_classes_rejects_bad_angles():
   for bad in ([45], [0, 360], []):
     with pytest.raises(adapt.AdaptError, match="multiples of 90"):
       adapt.rotation_classes(x, y, bad)
+
+
+def test_meta_train_ctrl_c_saves_the_step_and_resumes_exactly(tmp_path):
+  import signal
+
+  import jax
+  from fszjax import checkpoint
+  from fszjax.fewshot import conv4, meta
+
+  cfg = config_lib.load_config(os.path.join(ROOT, "configs/glyphs_maml_conv4.py"), [
+      "--config.fewshot.meta.steps=5", "--config.fewshot.meta.meta_batch=2",
+      "--config.checkpoint.save_every=100", "--config.log_every=1"])
+  mcfg = meta.MetaConfig(algorithm="maml", n_way=2, inner_steps=1, inner_lr=0.1,
+                         head_init="zeros")
+  features_fn = conv4.make_conv4_features_fn()
+  params = conv4.init_conv4(jax.random.key(0), 2, hidden=4, image_size=28)
+
+  def sample(step, interrupt_at=None):
+    if step == interrupt_at:
+      os.kill(os.getpid(), signal.SIGINT)  # as if Ctrl-C arrived during this step
+    r = np.random.default_rng(step)
+    return {"support_x": r.normal(size=(2, 2, 28, 28, 1)).astype(np.float32),
+            "support_y": np.tile(np.arange(2), (2, 1)),
+            "query_x": r.normal(size=(2, 4, 28, 28, 1)).astype(np.float32),
+            "query_y": np.tile(np.arange(2), (2, 2))}
+
+  straight = adapt.meta_train(cfg, str(tmp_path / "a"), features_fn, mcfg, params, sample)
+  ck_dir = str(tmp_path / "b")
+  with pytest.raises(KeyboardInterrupt):
+    adapt.meta_train(cfg, ck_dir, features_fn, mcfg, params, lambda s: sample(s, interrupt_at=3))
+  assert max(checkpoint.Checkpointer(ck_dir, read_only=True).all_steps()) == 3
+  resumed = adapt.meta_train(cfg, ck_dir, features_fn, mcfg, params, sample)
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

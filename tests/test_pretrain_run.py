@@ -103,6 +103,37 @@ def test_exact_resume_after_sigkill(gdir, reference_run, tmp_path):
   assert summary["zeroshot"] == ref_summary["zeroshot"]
 
 
+def test_ctrl_c_saves_the_current_step_and_rerun_resumes(gdir, tmp_path):
+  """First Ctrl-C (SIGINT): checkpoint at the step it stopped at (no logged step lost),
+  exit status 130; rerunning the same command resumes there."""
+  wd = str(tmp_path / "ctrlc")
+  extra = ["--config.checkpoint.save_every=1000", "--config.checkpoint.async_save=False"]
+  args = ["pretrain", "--config", os.path.join(ROOT, "configs/glyphs.py"), "--workdir", wd]
+  cmd, env = _cli(args + run_overrides(gdir, "--config.total_steps=1000", *extra))
+  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  metrics = os.path.join(wd, "metrics.jsonl")
+  deadline = time.time() + 240
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
+        proc.send_signal(signal.SIGINT)
+        break
+      time.sleep(0.05)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  err = err.decode()
+  assert proc.returncode == 130, err[-2000:]
+  assert "Ctrl-C" in err and "interrupted" in err
+  steps = checkpoint.Checkpointer(os.path.join(wd, "checkpoints"), read_only=True).all_steps()
+  logged = max(_losses(wd))
+  assert max(steps) == logged and 3 <= logged < 1000  # saved exactly where it stopped
+  cfg = load_cfg(gdir, f"--config.total_steps={logged + 2}", *extra)
+  summary = pretrain.train(cfg, wd)
+  assert summary["resumed_from"] == logged and summary["steps"] == logged + 2
+
+
 @pytest.mark.parametrize("mesh", ["4,2", "1,8", "single"])
 def test_restore_onto_other_meshes(reference_run, gdir, mesh):
   wd, summary = reference_run

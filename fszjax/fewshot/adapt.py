@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fszjax import interrupt
 from fszjax.errors import UserError
 from fszjax.fewshot import inner as inner_lib
 from fszjax.fewshot import meta as meta_lib
@@ -456,7 +457,9 @@ def meta_train(config, ckpt_dir: str, features_fn, mcfg: meta_lib.MetaConfig, me
                sample: Callable[[int], dict]):
   """Meta-trains ``config.fewshot.meta.steps`` steps on ``sample(step)`` meta-batches, with
   Orbax checkpoints in `ckpt_dir` and exact resume (batches are drawn by step index);
-  stops cleanly on preemption (SIGTERM) and on a non-finite loss. Returns the meta-params."""
+  on preemption (SIGTERM) it saves and exits 0, on Ctrl-C it saves and raises
+  `KeyboardInterrupt`, on a non-finite loss it stops with the last good checkpoint kept.
+  Returns the meta-params."""
   from fszjax import checkpoint
 
   m = config.fewshot.meta
@@ -475,27 +478,40 @@ def meta_train(config, ckpt_dir: str, features_fn, mcfg: meta_lib.MetaConfig, me
   ckpt.reached_preemption(start)  # JAX's sync point counts from the last reported step
   total = int(m.steps)
   t0, tasks_done = time.perf_counter(), 0
-  for step in range(start + 1, total + 1):
-    meta_params, opt_state, metrics = step_fn(meta_params, opt_state, sample(step))
-    tasks_done += int(m.meta_batch)
-    if step % int(config.log_every) == 0 or step == total:
-      host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not math.isfinite(host["loss"]):
-        raise AdaptError(f"meta-training loss is {host['loss']} at step {step}; lower "
-                         "config.fewshot.meta.outer_lr (the last good checkpoint is kept)")
-      rate = tasks_done / (time.perf_counter() - t0)
-      log.info("meta step %d/%d loss %.4f query acc %.3f %.1f tasks/s", step, total,
-               host["loss"], host["acc"], rate)
-    preempted = ckpt.reached_preemption(step)
-    if ckpt.should_save(step) or step == total or preempted:
-      ckpt.save(step, {"step": jnp.asarray(step, jnp.int32), "params": meta_params,
-                       "opt_state": opt_state}, force=True)
-    if preempted:
-      ckpt.close()
-      log.warning("preempted at meta step %d; rerun the same command to resume", step)
-      raise SystemExit(0)
+  with interrupt.StopRequest("meta-training") as stop:
+    for step in range(start + 1, total + 1):
+      tasks_done += int(m.meta_batch)
+      meta_params, opt_state = _meta_step(config, ckpt, step_fn, meta_params, opt_state,
+                                          sample(step), step, total, stop, t0, tasks_done)
   ckpt.close()
   return meta_params
+
+
+def _meta_step(config, ckpt, step_fn, meta_params, opt_state, tasks, step, total, stop, t0,
+               tasks_done):
+  """One meta-training step + logging, NaN check, checkpointing and stopping."""
+  meta_params, opt_state, metrics = step_fn(meta_params, opt_state, tasks)
+  interrupted = stop.requested
+  if step % int(config.log_every) == 0 or step == total:
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not math.isfinite(host["loss"]):
+      raise AdaptError(f"meta-training loss is {host['loss']} at step {step}; lower "
+                       "config.fewshot.meta.outer_lr (the last good checkpoint is kept)")
+    rate = tasks_done / (time.perf_counter() - t0)
+    log.info("meta step %d/%d loss %.4f query acc %.3f %.1f tasks/s", step, total,
+             host["loss"], host["acc"], rate)
+  preempted = ckpt.reached_preemption(step)
+  if ckpt.should_save(step) or step == total or preempted or interrupted:
+    ckpt.save(step, {"step": jnp.asarray(step, jnp.int32), "params": meta_params,
+                     "opt_state": opt_state}, force=True)
+  if preempted or interrupted:
+    ckpt.close()
+    log.warning("stopped at meta step %d (%s); rerun the same command to resume", step,
+                "preemption" if preempted else "Ctrl-C")
+    if interrupted:
+      raise KeyboardInterrupt
+    raise SystemExit(0)
+  return meta_params, opt_state
 
 
 def rotation_classes(images: np.ndarray, labels: np.ndarray,
