@@ -77,7 +77,6 @@ def build(run: str, wall_time_s: float | None = None) -> str:
   lines.append(f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on "
                f"{platform.machine()} with {os.cpu_count()} CPU cores"
                + (f"; whole job {wall_time_s / 60:.1f} min." if wall_time_s else "."))
-  table = ["| result | value |", "|---|---|"]
   if summary:
     lines += ["", "## Pretraining (zero-shot)", ""]
     lines.append(f"{summary['steps']} steps in {summary.get('wall_time_s', 0) / 60:.1f} min.")
@@ -86,8 +85,6 @@ def build(run: str, wall_time_s: float | None = None) -> str:
       ci = m.get("top1_ci95")
       lines.append(f"| {split} | {_pct(m['top1'], ci)} | {_pct(m['top5'])} | {m['num_classes']} | "
                    f"{_pct(m['chance'])} | {m['top1'] / m['chance']:.1f} |")
-      table.append(f"| zero-shot top-1, {split} ({m['num_classes']} classes) | "
-                   f"{_pct(m['top1'], ci)} % (chance {_pct(m['chance'])} %) |")
     ret = summary.get("retrieval", {})
     if ret:
       lines += ["", "| split | i2t R@1 | i2t R@5 | t2i R@1 | t2i R@5 |", "|---|---:|---:|---:|---:|"]
@@ -104,12 +101,6 @@ def build(run: str, wall_time_s: float | None = None) -> str:
     lines.append(results_markdown(merged))
     plot_shots(merged, os.path.join(run, "accuracy_vs_shots.png"))
     lines += ["", "![accuracy against shots per method](accuracy_vs_shots.png)"]
-    for m in ("zeroshot", "zs_head_adapt", "protonet", "conv4_maml", "pixels_protonet"):
-      for split in ("test_classes", "test_scripts", "test_fonts"):
-        for st in ("5way1shot", "5way5shot", "20way1shot"):
-          r = merged["methods"].get(m, {}).get(split, {}).get(st)
-          if r:
-            table.append(f"| {m}, {split}, {st} | {_pct(r['mean'], r['ci95'])} % |")
   if adapt and "dg" in adapt:
     lines += ["", "## Domain generalisation on held-out fonts", "",
               "A linear adaptor on the image features, fine-tuned on the source fonts (plain "
@@ -118,26 +109,119 @@ def build(run: str, wall_time_s: float | None = None) -> str:
     lines.append(results_markdown({"dg": adapt["dg"]}))
     if plot_per_font(adapt["dg"], os.path.join(run, "accuracy_per_font.png")):
       lines += ["", "![zero-shot accuracy per held-out font](accuracy_per_font.png)"]
-    for v, per in adapt["dg"]["zeroshot"].items():
-      for sp, r in per.items():
-        table.append(f"| DG {v}, zero-shot {sp} | {_pct(r['top1'])} % |")
-  if conv4:
-    mt = conv4.get("meta_training", {})
-    lines += ["", f"Conv-4 {mt.get('algorithm', '')} was meta-trained from scratch for "
-              f"{mt.get('steps')} steps on {mt.get('train_setting')} tasks."]
+  for name, r in (("towers", adapt), ("Conv-4", conv4)):
+    mt = (r or {}).get("meta_training")
+    if mt:
+      lines += ["", f"Meta-training of the {name}: {mt.get('algorithm')}, {mt.get('steps')} steps "
+                f"of {mt.get('meta_batch', '')} {mt.get('train_setting')} tasks."]
+  table = results_table(summary, merged["methods"], adapt, conv4, wall_time_s)
+  lines = lines[:3] + ["## Summary", "", table, ""] + lines[3:]
   with open(os.path.join(run, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   with open(os.path.join(run, "results_table.md"), "w") as f:
-    f.write("\n".join(table) + "\n")
+    f.write(table + "\n")
   return os.path.join(run, "report.md")
+
+
+def machine() -> str:
+  """'<cpu model>, N cores' (or the platform when /proc/cpuinfo is unavailable)."""
+  name = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          name = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return f"{name}, {os.cpu_count()} cores"
+
+
+# The rows of the summary table: (method key, label).
+SUMMARY_METHODS = (
+    ("zeroshot", "towers: zero-shot (class names)"),
+    ("zs_head_adapt", "towers: zero-shot head + SGD on the support set"),
+    ("anil", "towers: ANIL meta-trained, zero-shot head + SGD"),
+    ("protonet", "towers: ProtoNets on frozen features"),
+    ("linear_probe", "towers: linear probe"),
+    ("conv4_maml", "Conv-4 MAML from scratch"),
+    ("pixels_protonet", "raw pixels, nearest prototype (32 px)"),
+    ("pixels_protonet_28px", "raw pixels, nearest prototype (28 px)"),
+)
+SUMMARY_SPLITS = ("test_classes", "test_scripts", "test_fonts", "test_both")
+SUMMARY_SETTINGS = ("5way1shot", "5way5shot", "20way1shot")
+
+
+def results_table(summary, methods, adapt, conv4, wall_time_s=None) -> str:
+  """The compact results of a run (markdown): zero-shot, few-shot per split, DG."""
+  out = [f"Measured by `launch/local.sh` on {time.strftime('%Y-%m-%d', time.gmtime())}, "
+         f"{machine()}, no accelerator" + (f"; whole job {wall_time_s / 60:.1f} min" if wall_time_s
+                                          else "") + ". Accuracy in %, mean ± 95% CI."]
+  if summary:
+    out += ["", "| zero-shot over all classes of the split | top-1 | chance |", "|---|---:|---:|"]
+    for split, m in summary.get("zeroshot", {}).items():
+      out.append(f"| {split} ({m['num_classes']} classes) | {_pct(m['top1'], m.get('top1_ci95'))} | "
+                 f"{_pct(m['chance'])} |")
+  for split in SUMMARY_SPLITS:
+    rows = []
+    for key, label in SUMMARY_METHODS:
+      per = methods.get(key, {}).get(split)
+      if per:
+        cells = [(_pct(per[st]["mean"], per[st]["ci95"]) if st in per else "") for st in SUMMARY_SETTINGS]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    if rows:
+      eps = max(r["episodes"] for m in methods.values() for r in m.get(split, {}).values())
+      out += ["", f"| {split} ({eps} episodes) | 5-way 1-shot | 5-way 5-shot | 20-way 1-shot |",
+              "|---|---:|---:|---:|"] + rows
+  dg = (adapt or {}).get("dg")
+  if dg:
+    splits = sorted({sp for per in dg["zeroshot"].values() for sp in per})
+    few = dg.get("fewshot", {})
+    few_cols = [(sp, st) for sp in splits for st in SUMMARY_SETTINGS
+                if any(st in v.get("zs_head_adapt", {}).get(sp, {}) for v in few.values())]
+    out += ["", "| held-out fonts: feature adaptor | "
+            + " | ".join([f"zero-shot {sp}" for sp in splits]
+                         + [f"{sp} {st}, zero-shot head + SGD" for sp, st in few_cols]) + " |",
+            "|---|" + "---:|" * (len(splits) + len(few_cols))]
+    for v, per in dg["zeroshot"].items():
+      cells = [_pct(per[sp]["top1"], per[sp].get("ci95")) if sp in per else "" for sp in splits]
+      for sp, st in few_cols:
+        r = few.get(v, {}).get("zs_head_adapt", {}).get(sp, {}).get(st)
+        cells.append(_pct(r["mean"], r["ci95"]) if r else "")
+      out.append(f"| {v} | " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
+README_BEGIN = "<!-- results:begin (written by python -m fszjax.report --readme) -->"
+README_END = "<!-- results:end -->"
+
+
+def update_readme(readme: str, table: str) -> bool:
+  """Replaces the text between the results markers of `readme` with `table`."""
+  with open(readme) as f:
+    text = f.read()
+  if README_BEGIN not in text or README_END not in text:
+    return False
+  head, rest = text.split(README_BEGIN, 1)
+  _, tail = rest.split(README_END, 1)
+  with open(readme, "w") as f:
+    f.write(head + README_BEGIN + "\n" + table.strip() + "\n" + README_END + tail)
+  return True
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--run", required=True)
   p.add_argument("--wall_time_s", type=float, default=None)
+  p.add_argument("--readme", default="", help="also write the results table into this "
+                 "README between its results markers")
   args = p.parse_args(argv)
   print(build(args.run, args.wall_time_s))
+  if args.readme:
+    with open(os.path.join(args.run, "results_table.md")) as f:
+      table = f.read()
+    if not update_readme(args.readme, table):
+      print(f"{args.readme} has no results markers; not updated")
   return 0
 
 

@@ -3,8 +3,8 @@
 #   1. virtualenv + install (once)        4. few-shot adaptation + domain generalisation
 #   2. prepare Glyphs (once)              5. Conv-4 MAML from scratch (reference)
 #   3. pretrain + zero-shot evaluation    6. runs/<name>/report.md with figures
-# Rerunning reuses what is prepared or trained and resumes interrupted stages;
-# --fresh starts over. Environment: FSZJAX_VENV (.venv), FSZJAX_RUN (runs/glyphs),
+# Rerunning reuses what is prepared or trained and resumes interrupted stages (Ctrl-C
+# saves a checkpoint first); --fresh starts over. Environment: FSZJAX_VENV (.venv), FSZJAX_RUN (runs/glyphs),
 # FSZJAX_DATA (runs/data), PYTHON (python3). Extra arguments go to every fszjax call
 # (e.g. --cpu_devices 2).
 set -euo pipefail
@@ -30,6 +30,15 @@ FSZ=("$VENV/bin/fszjax" "${EXTRA[@]+"${EXTRA[@]}"}")
 if [[ $FRESH == 1 ]]; then rm -rf "$RUN"; fi
 mkdir -p "$RUN"
 start=$(date +%s)
+# Ctrl-C: the running stage saves a checkpoint at its current step and exits 130, which
+# stops this script (set -e); running it again continues from there.
+on_exit() {
+  local rc=$?
+  if [[ $rc != 0 ]]; then
+    echo "stopped (exit $rc): run launch/local.sh again to continue from the last checkpoint" >&2
+  fi
+}
+trap on_exit EXIT
 
 echo "== 1/5 prepare Glyphs -> $DATA"
 "${FSZ[@]}" prepare glyphs --data_dir "$DATA"
@@ -57,8 +66,9 @@ elif [[ -f configs/glyphs_maml_conv4.py ]]; then
     --config.data.data_dir="$DATA"
 fi
 
-echo "== 5/5 report -> $RUN/report.md"
-"$VENV/bin/python" -m fszjax.report --run "$RUN" --wall_time_s $(( $(date +%s) - start ))
+echo "== 5/5 report -> $RUN/report.md (+ the results table in README.md)"
+"$VENV/bin/python" -m fszjax.report --run "$RUN" --wall_time_s $(( $(date +%s) - start )) \
+  --readme README.md
 echo
 cat "$RUN/results_table.md" 2>/dev/null || true
 echo
