@@ -25,7 +25,8 @@ def get_config(arg=None):
       backbone="conv4", image_size=28,
       splits=["test_classes", "test_scripts", "test_fonts", "test_both"],
       settings=["5way1shot", "5way5shot", "20way1shot"],
-      episodes=600, q_query=5, episode_batch=100, max_examples=0, max_train_examples=0))
+      episodes=600, q_query=5, episode_batch=100, max_examples=0, max_train_examples=0,
+      eval_chunk=10))  # evaluation: lax.map over groups of 10 vmapped tasks (0: one vmap)
   c.fewshot.meta = ml_collections.ConfigDict(dict(
       # Trained on 20-way tasks (harder, so 5-way comes for free); sized for ~3 min on 2
       # CPU cores. The MAML paper trains 60k steps of 32 tasks: raise steps on a GPU.
@@ -33,5 +34,6 @@ def get_config(arg=None):
       inner_steps=5, inner_lr=0.4, eval_inner_steps=5, outer_lr=1e-3, first_order=False,
       head_init="zeros", hidden=64, task_chunk=4, formulation="im2col", adapt="all",
       rotations=[0],  # class augmentation: [0, 90, 180, 270] makes 4 classes of each
+      outer_schedule="constant", warmup_steps=0,  # or "cosine": warmup, then decay to 0
       remat=True))  # CPU: chunks of 4 tasks + remat are fastest; GPU: task_chunk=0
   return c
