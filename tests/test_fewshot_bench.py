@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from fszjax.fewshot import bench
 
 TINY = dict(hidden=4, layers=1, image_size=8, inner_steps=1, meta_batch=4, steps=2, warmup=0)
@@ -30,3 +32,10 @@ def test_bench_imports_without_data_or_config_deps():
           "bad = [m for m in ('grain', 'tensorflow_datasets', 'ml_collections', 'tensorflow') "
           "if m in sys.modules]; assert not bad, bad")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bench_refuses_a_towers_config():
+  from fszjax.fewshot import bench
+
+  with pytest.raises(bench.BenchError, match="Conv-4"):
+    bench.bench_adapt({"fewshot": {"backbone": "towers"}})

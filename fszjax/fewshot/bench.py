@@ -52,6 +52,12 @@ DEFAULTS: dict[str, Any] = {
     "strategy": "meta_batch",  # or 'task_loop': jitted single-task grads in a Python loop
     "seed": 0,
 }
+class BenchError(ValueError):
+  """A bad bench setting; the CLI shows it as one line (no traceback)."""
+
+  user_error = True
+
+
 # Config sections read, lowest priority first; `fewshot.meta` is the meta-training config of
 # `fszjax adapt` (its `steps` there is the training length, so timing keys are not read).
 SECTIONS = ("adapt", "fewshot", "fewshot.meta", "bench_adapt")
@@ -97,7 +103,7 @@ def resolve_settings(config: Any = None, **kwargs) -> dict:
       out["n_way"], out["k_shot"] = int(m.group(1)), int(m.group(2))
   bad = sorted(set(kwargs) - set(DEFAULTS))
   if bad:
-    raise ValueError(f"bench adapt: unknown setting(s) {bad}; known: {sorted(DEFAULTS)}")
+    raise BenchError(f"bench adapt: unknown setting(s) {bad}; known: {sorted(DEFAULTS)}")
   out.update(kwargs)
   return out
 
@@ -149,6 +155,10 @@ def bench_adapt(config: Any = None, **kwargs) -> dict:
   from fszjax.fewshot import conv4
   from fszjax.fewshot import meta as meta_lib
 
+  backbone = _section(_as_dict(config), "fewshot").get("backbone", "conv4")
+  if backbone != "conv4":
+    raise BenchError(f"bench adapt times Conv-4 meta-training; this config's backbone is "
+                     f"{backbone!r}: pass a Conv-4 config (configs/glyphs_maml_conv4.py) or none")
   s = resolve_settings(config, **kwargs)
   platform = jax.default_backend()
   formulation = s["formulation"]
@@ -160,9 +170,9 @@ def bench_adapt(config: Any = None, **kwargs) -> dict:
   t = s["meta_batch"]
   ndev = s["devices"] or (jax.device_count() if t % jax.device_count() == 0 else 1)
   if ndev > jax.device_count():
-    raise ValueError(f"devices={ndev} but only {jax.device_count()} are available")
+    raise BenchError(f"devices={ndev} but only {jax.device_count()} are available")
   if t % ndev:
-    raise ValueError(f"meta_batch={t} is not divisible by devices={ndev}")
+    raise BenchError(f"meta_batch={t} is not divisible by devices={ndev}")
   if chunk and (t // ndev) % chunk:
     chunk = 0 if (t // ndev) < chunk else next(c for c in range(chunk, 0, -1) if (t // ndev) % c == 0)
   cfg = meta_lib.MetaConfig(
@@ -213,7 +223,7 @@ def bench_adapt(config: Any = None, **kwargs) -> dict:
       state["p"], state["o"] = apply(state["p"], state["o"], total)
       jax.block_until_ready(state["p"])
   else:
-    raise ValueError(f"strategy={s['strategy']!r}: use 'meta_batch' or 'task_loop'")
+    raise BenchError(f"strategy={s['strategy']!r}: use 'meta_batch' or 'task_loop'")
 
   first, times = _time(run, s["steps"], s["warmup"])
   med = statistics.median(times)
