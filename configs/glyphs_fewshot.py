@@ -28,7 +28,7 @@ def get_config(arg=None):
   # order); evaluated as method 'anil' (and 'anil_zeroshot') on the re-encoded splits.
   c.fewshot.meta = ml_collections.ConfigDict(dict(
       enabled=True, algorithm="anil", adapt="head", train_setting="5way5shot", q_query=5,
-      meta_batch=4, steps=100, outer_lr=1e-4, first_order=False, remat=False, task_chunk=0,
+      meta_batch=4, steps=100, outer_lr=3e-4, first_order=False, remat=False, task_chunk=0,
       max_train_examples=0))
   c.log_every = 25
   c.checkpoint = ml_collections.ConfigDict(dict(save_every=50, keep=2))

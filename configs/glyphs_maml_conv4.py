@@ -33,7 +33,9 @@ def get_config(arg=None):
       algorithm="maml", train_setting="20way1shot", q_query=3, meta_batch=8, steps=150,
       inner_steps=5, inner_lr=0.4, eval_inner_steps=5, outer_lr=1e-3, first_order=False,
       head_init="zeros", hidden=64, task_chunk=4, formulation="im2col", adapt="all",
+      pool="mean",  # features: "mean" over the final 2x2 map, or "flatten" (keeps where)
       rotations=[0],  # class augmentation: [0, 90, 180, 270] makes 4 classes of each
       outer_schedule="constant", warmup_steps=0,  # or "cosine": warmup, then decay to 0
+      devices=0,  # meta-batch sharded over this many local devices (0: all; 1: none)
       remat=True))  # CPU: chunks of 4 tasks + remat are fastest; GPU: task_chunk=0
   return c

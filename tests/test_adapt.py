@@ -141,6 +141,13 @@ def test_rotation_classes_rejects_bad_angles():
       adapt.rotation_classes(x, y, bad)
 
 
+def _replace_meta(cfg, **kw):
+  c = cfg.copy_and_resolve_references()
+  for k, v in kw.items():
+    c.fewshot.meta[k] = v
+  return c
+
+
 def test_meta_train_ctrl_c_saves_the_step_and_resumes_exactly(tmp_path):
   import signal
 
@@ -150,6 +157,7 @@ def test_meta_train_ctrl_c_saves_the_step_and_resumes_exactly(tmp_path):
 
   cfg = config_lib.load_config(os.path.join(ROOT, "configs/glyphs_maml_conv4.py"), [
       "--config.fewshot.meta.steps=5", "--config.fewshot.meta.meta_batch=2",
+      "--config.fewshot.meta.devices=1",
       "--config.checkpoint.save_every=100", "--config.log_every=1"])
   mcfg = meta.MetaConfig(algorithm="maml", n_way=2, inner_steps=1, inner_lr=0.1,
                          head_init="zeros")
@@ -166,6 +174,11 @@ def test_meta_train_ctrl_c_saves_the_step_and_resumes_exactly(tmp_path):
             "query_y": np.tile(np.arange(2), (2, 2))}
 
   straight = adapt.meta_train(cfg, str(tmp_path / "a"), features_fn, mcfg, params, sample)
+  # The meta-batch sharded over 2 devices gives the 1-device meta-parameters.
+  sharded = adapt.meta_train(_replace_meta(cfg, devices=2), str(tmp_path / "s"), features_fn,
+                             mcfg, params, sample)
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(sharded)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
   ck_dir = str(tmp_path / "b")
   with pytest.raises(KeyboardInterrupt):
     adapt.meta_train(cfg, ck_dir, features_fn, mcfg, params, lambda s: sample(s, interrupt_at=3))

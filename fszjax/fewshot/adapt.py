@@ -481,7 +481,21 @@ def meta_train(config, ckpt_dir: str, features_fn, mcfg: meta_lib.MetaConfig, me
   m = config.fewshot.meta
   opt = outer_optimizer(m)
   opt_state = opt.init(meta_params)
-  step_fn = meta_lib.make_meta_step(features_fn, mcfg, opt, donate=False)
+  mesh = None
+  # One process: the meta-batch is sharded over its devices (`--cpu_devices 2` on a 2-core
+  # CPU runs about 25% faster). Several processes each run the whole (identical) meta-batch.
+  ndev = jax.local_device_count() if jax.process_count() == 1 else 1
+  if int(m.get("devices", 0) or 0):
+    ndev = min(ndev, int(m.devices))
+  if ndev > 1 and int(m.meta_batch) % ndev == 0:
+    from fszjax import sharding
+
+    mesh = sharding.make_mesh(ndev, 1, 1, devices=jax.local_devices()[:ndev])
+    log.info("meta-batch of %d tasks sharded over %d devices", int(m.meta_batch), ndev)
+  elif ndev > 1:
+    log.warning("meta_batch=%d is not a multiple of the %d devices: meta-training on one",
+                int(m.meta_batch), ndev)
+  step_fn = meta_lib.make_meta_step(features_fn, mcfg, opt, mesh=mesh, donate=False)
   ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=int(config.checkpoint.save_every),
                                  keep=int(config.checkpoint.keep), async_save=False)
   state = {"step": jnp.zeros((), jnp.int32), "params": meta_params, "opt_state": opt_state}
@@ -584,10 +598,12 @@ def run_conv4(config, workdir) -> dict:
   n_way_train, k_train = parse_setting(m.train_setting)
   sampler = EpisodeSampler(train_x, train_y, n_way=n_way_train, k_shot=k_train,
                            q_query=int(m.q_query), seed=config.seed)
-  features_fn = conv4.make_conv4_features_fn(m.get("formulation", conv4.DEFAULT_FORMULATION))
+  pool = m.get("pool", "mean")
+  features_fn = conv4.make_conv4_features_fn(m.get("formulation", conv4.DEFAULT_FORMULATION),
+                                             pool=pool)
   mcfg = _meta_cfg(fcfg, n_way_train)
   params = conv4.init_conv4(jax.random.key(config.seed), n_way_train, hidden=int(m.hidden),
-                            image_size=size)
+                            image_size=size, pool=pool)
   meta_params = meta_lib.init_meta_params(mcfg, params)
   meta_params = meta_train(config, os.path.join(workdir, "checkpoints"), features_fn, mcfg,
                            meta_params, lambda step: _tasks(sampler.sample(step, int(m.meta_batch))))
