@@ -237,3 +237,20 @@ def test_bad_config_errors():
   cfg = dataclasses.replace(CFG, head_init="zeroshot")
   with pytest.raises(ValueError, match="text_emb"):
     meta.adapt(features_fn, cfg, init_params(jax.random.key(0)), one(make_tasks(jax.random.key(1)), 0))
+
+
+def test_evaluation_adapts_with_eval_steps_and_lr():
+  params = init_params(jax.random.key(3))
+  tasks = make_tasks(jax.random.key(4), t=3)
+  cfg = meta.MetaConfig(algorithm="maml", n_way=N_WAY, inner_steps=5, inner_lr=0.4,
+                        eval_inner_steps=2, eval_inner_lr=0.1)
+  e = cfg.for_eval()
+  assert (e.inner_steps, e.inner_lr, e.algorithm) == (2, 0.1, "maml")
+  assert dataclasses.replace(cfg, algorithm="reptile").for_eval().algorithm == "fomaml"
+  got = meta.evaluate(params, tasks, features_fn=features_fn, cfg=cfg)
+  # Same as a config trained with 2 steps of 0.1, by hand: the query loss after 2 SGD steps.
+  want = np.mean([float(unrolled_query_loss(params, one(tasks, i), 2, 0.1)) for i in range(3)])
+  np.testing.assert_allclose(float(got["loss"]), want, rtol=1e-5)
+  other = meta.evaluate(params, tasks, features_fn=features_fn,
+                        cfg=dataclasses.replace(cfg, eval_inner_steps=None, eval_inner_lr=None))
+  assert abs(float(other["loss"]) - want) > 1e-4  # 5 steps of 0.4 differ

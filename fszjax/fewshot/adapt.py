@@ -442,7 +442,8 @@ def _meta_cfg(fcfg, n_way: int) -> meta_lib.MetaConfig:
       algorithm=m.algorithm, n_way=n_way, inner_steps=int(m.inner_steps),
       inner_lr=float(m.inner_lr), adapt=m.get("adapt", "all"), first_order=bool(m.first_order),
       remat=bool(m.get("remat", False)), head_init=m.head_init,
-      eval_inner_steps=int(m.eval_inner_steps) or None, task_chunk=int(m.task_chunk))
+      eval_inner_steps=int(m.eval_inner_steps) or None,
+      eval_inner_lr=float(m.get("eval_inner_lr", 0.0)) or None, task_chunk=int(m.task_chunk))
 
 
 def _tasks(ep: dict, text: np.ndarray | None = None) -> dict:
@@ -627,8 +628,7 @@ def run_conv4(config, workdir) -> dict:
                          "config.fewshot.meta.head_init='zeros'")
       ev = _chunked(lambda t: meta_lib.task_loss(
           jax.lax.stop_gradient(eval_params), t, features_fn=features_fn,
-          cfg=dataclasses.replace(ecfg, inner_steps=ecfg.eval_inner_steps or ecfg.inner_steps,
-                                  algorithm="fomaml" if ecfg.algorithm == "reptile" else ecfg.algorithm))[1]["acc"],
+          cfg=ecfg.for_eval())[1]["acc"],
                     int(fcfg.get("eval_chunk", 0)))
       proto = jax.jit(jax.vmap(lambda ps, ys, pq, yq: _acc(_proto_logits(ps, ys, pq, n_way), yq)))
       accs, paccs, done, index = [], [], 0, 0

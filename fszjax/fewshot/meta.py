@@ -58,6 +58,8 @@ class MetaConfig:
   head_init: 'learned' (meta-learned head), 'zeros', 'prototype' (from support features),
     or 'zeroshot' (from the task's ``text_emb`` (N, D), `logit_scale`, `logit_bias`).
   eval_inner_steps: inner steps at evaluation (default: inner_steps).
+  eval_inner_lr: inner step size at evaluation (default: inner_lr; Meta-SGD uses its
+    learned step sizes).
   task_chunk: tasks vmapped together (0: all of a device's tasks; see module doc).
   """
 
@@ -73,6 +75,7 @@ class MetaConfig:
   logit_scale: float = 1.0
   logit_bias: float = 0.0
   eval_inner_steps: int | None = None
+  eval_inner_lr: float | None = None
   task_chunk: int = 0
 
   def __post_init__(self):
@@ -84,6 +87,14 @@ class MetaConfig:
       raise ValueError(f"inner_steps={self.inner_steps} must be >= 0")
     if self.task_chunk < 0:
       raise ValueError(f"task_chunk={self.task_chunk} must be >= 0 (0 = vmap all tasks)")
+
+  def for_eval(self) -> "MetaConfig":
+    """The config that evaluation adapts with: eval_inner_steps / eval_inner_lr in place of
+    inner_steps / inner_lr; Reptile adapts like FOMAML (it has no query loss of its own)."""
+    return dataclasses.replace(
+        self, inner_steps=self.inner_steps if self.eval_inner_steps is None else self.eval_inner_steps,
+        inner_lr=self.inner_lr if self.eval_inner_lr is None else self.eval_inner_lr,
+        algorithm="fomaml" if self.algorithm == "reptile" else self.algorithm)
 
 
 def init_meta_params(cfg: MetaConfig, params: Params) -> Params:
@@ -250,11 +261,8 @@ def reptile_update(params: Params, tasks: dict, step_size: float, *,
 
 def evaluate(meta_params: Params, tasks: dict, *, features_fn: FeaturesFn,
              cfg: MetaConfig) -> dict:
-  """Mean query {'loss', 'acc'} over tasks after `cfg.eval_inner_steps` inner steps."""
-  steps = cfg.inner_steps if cfg.eval_inner_steps is None else cfg.eval_inner_steps
-  ecfg = dataclasses.replace(cfg, inner_steps=steps)
-  if cfg.algorithm == "reptile":
-    ecfg = dataclasses.replace(ecfg, algorithm="fomaml")
+  """Mean query {'loss', 'acc'} over tasks after adapting with `MetaConfig.for_eval`."""
+  ecfg = cfg.for_eval()
   meta_params = jax.lax.stop_gradient(meta_params)
   return mean_over_tasks(
       lambda t: task_loss(meta_params, t, features_fn=features_fn, cfg=ecfg)[1], tasks,
