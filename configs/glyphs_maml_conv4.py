@@ -26,7 +26,7 @@ def get_config(arg=None):
       splits=["test_classes", "test_scripts", "test_fonts", "test_both"],
       settings=["5way1shot", "5way5shot", "20way1shot"],
       episodes=600, q_query=5, episode_batch=100, max_examples=0, max_train_examples=0,
-      eval_chunk=10))  # evaluation: lax.map over groups of 10 vmapped tasks (0: one vmap)
+      eval_chunk=5))  # evaluation: lax.map over groups of 5 vmapped tasks (0: one vmap)
   c.fewshot.meta = ml_collections.ConfigDict(dict(
       # Trained on 20-way tasks (harder, so 5-way comes for free); sized for ~2.5 min on 2
       # CPU cores. The MAML paper trains 60k steps of 32 tasks: raise steps on a GPU.

@@ -62,8 +62,12 @@ if [[ -f "$RUN/maml_conv4/results.json" ]]; then
   echo "== 4/5 Conv-4 MAML: done already ($RUN/maml_conv4/results.json)"
 elif [[ -f configs/glyphs_maml_conv4.py ]]; then
   echo "== 4/5 Conv-4 MAML from scratch -> $RUN/maml_conv4"
-  "${FSZ[@]}" adapt --config configs/glyphs_maml_conv4.py --workdir "$RUN/maml_conv4" \
-    --config.data.data_dir="$DATA"
+  # Two simulated CPU devices share the meta-batch (faster on a 2-core CPU), unless the
+  # caller chose --cpu_devices.
+  DEV=(--cpu_devices 2)
+  if [[ " ${EXTRA[*]-} " == *" --cpu_devices"* ]]; then DEV=(); fi
+  "${FSZ[@]}" "${DEV[@]+"${DEV[@]}"}" adapt --config configs/glyphs_maml_conv4.py \
+    --workdir "$RUN/maml_conv4" --config.data.data_dir="$DATA"
 fi
 
 echo "== 5/5 report -> $RUN/report.md (+ the results table in README.md)"

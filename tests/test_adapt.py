@@ -188,15 +188,16 @@ def test_meta_train_ctrl_c_saves_the_step_and_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("chunk", [0, 1, 3, 4])
-def test_chunked_evaluation_equals_one_vmap(chunk):
+@pytest.mark.parametrize("chunk,devices", [(0, 1), (1, 1), (3, 1), (4, 1), (0, 2), (3, 8),
+                                           (4, 3)])
+def test_chunked_evaluation_equals_one_vmap(chunk, devices):
   import jax.numpy as jnp
 
   rng = np.random.default_rng(0)
   tasks = {"a": rng.normal(size=(10, 3)).astype(np.float32),
            "b": rng.normal(size=(10, 3, 2)).astype(np.float32)}
   fn = lambda t: {"s": jnp.sum(t["a"]) * jnp.sum(t["b"]), "v": t["b"].sum(0)}
-  out = adapt._chunked(fn, chunk)(tasks)  # pylint: disable=protected-access
+  out = adapt._chunked(fn, chunk, devices)(tasks)  # pylint: disable=protected-access
   for i in range(10):
     ref = fn({k: v[i] for k, v in tasks.items()})
     np.testing.assert_allclose(out["s"][i], ref["s"], rtol=1e-6)

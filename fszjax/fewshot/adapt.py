@@ -566,15 +566,16 @@ def rotation_classes(images: np.ndarray, labels: np.ndarray,
   return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
 
 
-def _chunked(fn: Callable, chunk: int) -> Callable:
-  """jit of ``fn`` over a leading task axis: one vmap (chunk 0), or a `lax.map` over groups
-  of `chunk` vmapped tasks (faster on CPU: a group's activations stay in cache). Pads the
-  task axis to a multiple of `chunk` and drops the padding from the result."""
-  if chunk <= 0:
-    return jax.jit(jax.vmap(fn))
+def _chunked(fn: Callable, chunk: int, devices: int = 1) -> Callable:
+  """``fn`` over a leading task axis, jitted: one vmap (chunk 0), or a `lax.map` over groups
+  of `chunk` vmapped tasks (faster on CPU: a group's activations stay in cache). With
+  ``devices > 1`` the task axis is split over that many local devices (`jax.shard_map`),
+  each running its share the same way. Pads the task axis as needed and drops the padding
+  from the result. `fn` may close over arrays (replicated)."""
 
-  @jax.jit
-  def run(tasks):
+  def local(tasks):
+    if chunk <= 0:
+      return jax.vmap(fn)(tasks)
     t = jax.tree.leaves(tasks)[0].shape[0]
     pad = -t % chunk
     padded = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, 0)]), tasks)
@@ -582,7 +583,30 @@ def _chunked(fn: Callable, chunk: int) -> Callable:
     out = jax.lax.map(jax.vmap(fn), grouped)
     return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:t], out)
 
+  if devices <= 1:
+    return jax.jit(local)
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((devices,), ("tasks",), devices=jax.local_devices()[:devices],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("tasks"), out_specs=P("tasks"),
+                                  check_vma=False))
+
+  def run(tasks):
+    t = jax.tree.leaves(tasks)[0].shape[0]
+    pad = -t % devices
+    if pad:
+      tasks = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], pad, 0)]), tasks)
+    out = sharded(tasks)
+    return jax.tree.map(lambda a: a[:t], out)
+
   return run
+
+
+def _eval_devices(m) -> int:
+  """Local devices that share evaluation episodes (as meta-training's `devices`)."""
+  n = jax.local_device_count() if jax.process_count() == 1 else 1
+  return min(n, int(m.get("devices", 0) or 0)) if int(m.get("devices", 0) or 0) else n
 
 
 def run_conv4(config, workdir) -> dict:
@@ -629,7 +653,7 @@ def run_conv4(config, workdir) -> dict:
       ev = _chunked(lambda t: meta_lib.task_loss(
           jax.lax.stop_gradient(eval_params), t, features_fn=features_fn,
           cfg=ecfg.for_eval())[1]["acc"],
-                    int(fcfg.get("eval_chunk", 0)))
+                    int(fcfg.get("eval_chunk", 0)), _eval_devices(m))
       proto = jax.jit(jax.vmap(lambda ps, ys, pq, yq: _acc(_proto_logits(ps, ys, pq, n_way), yq)))
       accs, paccs, done, index = [], [], 0, 0
       while done < int(fcfg.episodes):
