@@ -78,6 +78,9 @@ def _normalize(x, axis=-1):
 # ============================================================================ frozen towers
 
 
+_LOWERED: set[str] = set()
+
+
 def _sampler(index, labels, n_way, k_shot, q_query, seed, what):
   """An `EpisodeSampler`, lowering the queries per class (down to 1) when the split has too
   few examples per class (held-out fonts cover few characters many times); None if even
@@ -90,7 +93,8 @@ def _sampler(index, labels, n_way, k_shot, q_query, seed, what):
     except EpisodeError as e:
       err = e
       continue
-    if q < q_query:
+    if q < q_query and what not in _LOWERED:  # once per split and setting, not per variant
+      _LOWERED.add(what)
       log.info("%s: %d queries per class (the split has too few examples for %d)", what, q,
                q_query)
     return smp
