@@ -20,6 +20,7 @@ def get_config(arg=None):
       settings=["5way1shot", "5way5shot", "20way1shot"],
       episodes=600, q_query=5, episode_batch=200,
       max_examples=0,  # 0 = the whole split
+      max_train_examples=0,  # train-split images for DG and meta-training (0 = all)
       head_steps=10, head_lr=0.5,  # zero-shot head adaptation (SGD on the support set)
       probe_steps=100, probe_lr=1.0,  # linear probe from zeros
   ))
@@ -28,12 +29,11 @@ def get_config(arg=None):
   # order); evaluated as method 'anil' (and 'anil_zeroshot') on the re-encoded splits.
   c.fewshot.meta = ml_collections.ConfigDict(dict(
       enabled=True, algorithm="anil", adapt="head", train_setting="5way5shot", q_query=5,
-      meta_batch=4, steps=100, outer_lr=3e-4, first_order=False, remat=False, task_chunk=0,
-      max_train_examples=0))
+      meta_batch=4, steps=100, outer_lr=3e-4, first_order=False, remat=False, task_chunk=0))
   c.log_every = 25
   c.checkpoint = ml_collections.ConfigDict(dict(save_every=50, keep=2))
   c.fewshot.dg = ml_collections.ConfigDict(dict(
       enabled=True, splits=["test_fonts", "test_both"], settings=["5way1shot", "5way5shot"],
       steps=300, batch_size=256, lr=1e-3, mldg_alpha=0.1, mldg_beta=1.0,
-      mldg_first_order=False, wise_alphas=[0.25, 0.5, 0.75], max_train_examples=0))
+      mldg_first_order=False, wise_alphas=[0.25, 0.5, 0.75]))
   return c

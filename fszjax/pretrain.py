@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fszjax import interrupt, losses, sharding
 from fszjax.models.two_tower import TwoTower, build_model
-from fszjax.tree import path_str
+from fszjax.tree import flatten, path_str
 
 
 @flax.struct.dataclass
@@ -319,7 +319,7 @@ def init_params_from(state: TrainState, path: str, keys: str = "") -> tuple[Trai
   from fszjax import checkpoint
 
   src = checkpoint.load_params_numpy(path)
-  src_flat = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(src)[0]}
+  src_flat = flatten(src)
   reg = re.compile(keys) if keys else None
   copied = 0
   missing: list[str] = []
@@ -439,51 +439,49 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
   metrics = None
   step = start
   stopped_early = interrupted = False
-  stop_request = interrupt.StopRequest("pretraining")
   try:
-    stop_request.__enter__()
-    for step in range(start + 1, total + 1):
-      batch = next(train_iter)
-      gbatch = sharding.host_to_global(
-          {"image": batch["image"], "tokens": batch["tokens"]}, mesh, config.batch_size)
-      state, metrics = step_fn(state, gbatch)
-      steps_since += 1
-      progress.update(1)
-      row = None
-      if step % log_every == 0 or step == total:
-        host = jax.device_get(metrics)
-        _finite_or_raise(float(host["loss"]), step, ckpt)
-        now = time.perf_counter()
-        row = {k: float(v) for k, v in host.items()}
-        row["examples_per_sec"] = steps_since * config.batch_size / (now - t_last)
-        t_last, steps_since = now, 0
-        progress.update(0, loss=row["loss"])
-        if is_main and not config.get("progress", True):
-          log.info("step %d/%d loss %.4f i2t_acc %.3f lr %.2e %.1f ex/s", step, total, row["loss"],
-                   row["i2t_acc"], row["lr"], row["examples_per_sec"])
-      eval_metrics = None
-      if eval_every and (step % eval_every == 0 or step == total):
-        evals = run_eval()
-        last_eval = evals
-        eval_metrics = metrics_lib.flatten_eval(evals)
-        row = (row or {}) | eval_metrics
-        t_last = time.perf_counter()  # evaluation time is not training throughput
-      if row is not None:
-        writer.write(step, row)
-      preempted = ckpt.reached_preemption(step)
-      interrupted = stop_request.requested
-      stop_now = (stop_at is not None and step >= stop_at) or interrupted
-      if ckpt.should_save(step) or step == total or preempted or stop_now:
-        _finite_or_raise(float(jax.device_get(metrics["loss"])), step, ckpt)
-        ckpt.save(step, state, train_iter, config, metrics=eval_metrics, force=True)
-      if preempted or stop_now:
-        stopped_early = True
-        if is_main:
-          log.warning("stopping at step %d (%s); rerun the same command to resume", step,
-                      "preemption" if preempted else "Ctrl-C" if interrupted else "stop_at")
-        break
+    with interrupt.StopRequest("pretraining") as stop_request:
+      for step in range(start + 1, total + 1):
+        batch = next(train_iter)
+        gbatch = sharding.host_to_global(
+            {"image": batch["image"], "tokens": batch["tokens"]}, mesh, config.batch_size)
+        state, metrics = step_fn(state, gbatch)
+        steps_since += 1
+        progress.update(1)
+        row = None
+        if step % log_every == 0 or step == total:
+          host = jax.device_get(metrics)
+          _finite_or_raise(float(host["loss"]), step, ckpt)
+          now = time.perf_counter()
+          row = {k: float(v) for k, v in host.items()}
+          row["examples_per_sec"] = steps_since * config.batch_size / (now - t_last)
+          t_last, steps_since = now, 0
+          progress.update(0, loss=row["loss"])
+          if is_main and not config.get("progress", True):
+            log.info("step %d/%d loss %.4f i2t_acc %.3f lr %.2e %.1f ex/s", step, total,
+                     row["loss"], row["i2t_acc"], row["lr"], row["examples_per_sec"])
+        eval_metrics = None
+        if eval_every and (step % eval_every == 0 or step == total):
+          evals = run_eval()
+          last_eval = evals
+          eval_metrics = metrics_lib.flatten_eval(evals)
+          row = (row or {}) | eval_metrics
+          t_last = time.perf_counter()  # evaluation time is not training throughput
+        if row is not None:
+          writer.write(step, row)
+        preempted = ckpt.reached_preemption(step)
+        interrupted = stop_request.requested
+        stop_now = (stop_at is not None and step >= stop_at) or interrupted
+        if ckpt.should_save(step) or step == total or preempted or stop_now:
+          _finite_or_raise(float(jax.device_get(metrics["loss"])), step, ckpt)
+          ckpt.save(step, state, train_iter, config, metrics=eval_metrics, force=True)
+        if preempted or stop_now:
+          stopped_early = True
+          if is_main:
+            log.warning("stopping at step %d (%s); rerun the same command to resume", step,
+                        "preemption" if preempted else "Ctrl-C" if interrupted else "stop_at")
+          break
   finally:
-    stop_request.__exit__(None, None, None)
     ckpt.wait()
     progress.close()
   if interrupted:

@@ -14,3 +14,10 @@ def path_str(path) -> str:
     else:
       parts.append(str(k))
   return "/".join(parts)
+
+
+def flatten(tree) -> dict:
+  """``{path_str(path): leaf}`` of a pytree (e.g. to save or compare params by name)."""
+  import jax  # noqa: PLC0415  (keeps this module importable without jax)
+
+  return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -4,9 +4,9 @@
 #   2. prepare Glyphs (once)              5. Conv-4 MAML from scratch (reference)
 #   3. pretrain + zero-shot evaluation    6. runs/<name>/report.md with figures
 # Rerunning reuses what is prepared or trained and resumes interrupted stages (Ctrl-C
-# saves a checkpoint first); --fresh starts over. Environment: FSZJAX_VENV (.venv), FSZJAX_RUN (runs/glyphs),
-# FSZJAX_DATA (runs/data), PYTHON (python3). Extra arguments go to every fszjax call
-# (e.g. --cpu_devices 2).
+# saves a checkpoint first); --fresh starts over. Environment: FSZJAX_VENV (.venv),
+# FSZJAX_RUN (runs/glyphs), FSZJAX_DATA (runs/data), PYTHON (python3). Extra arguments go
+# to every fszjax call (e.g. --cpu_devices 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FRESH=0

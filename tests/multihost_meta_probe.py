@@ -67,8 +67,9 @@ def main(out_dir):
   mesh = sharding.make_mesh(-1, 1, 1)
   host, losses = run_meta(mesh)
   if multihost.is_main():
-    flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
-            for path, v in jax.tree_util.tree_flatten_with_path(host)[0]}
+    from fszjax.tree import flatten  # noqa: PLC0415
+
+    flat = flatten(host)
     np.savez(os.path.join(out_dir, "meta_params.npz"), losses=np.asarray(losses), **flat)
   multihost.sync("done")
 

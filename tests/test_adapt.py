@@ -98,7 +98,7 @@ def test_conv4_meta_training_resumes(gdir, tmp_path):
   assert "pixels_protonet_28px" in r1["methods"]
 
 
-def test_towers_meta_training_changes_the_tower_and_resumes(gdir, pretrained, tmp_path):
+def test_towers_meta_training_changes_the_tower_and_resumes(gdir, pretrained, tmp_path, caplog):
   from fszjax import checkpoint
 
   wd = str(tmp_path / "m")
@@ -118,7 +118,11 @@ def test_towers_meta_training_changes_the_tower_and_resumes(gdir, pretrained, tm
                        trained["backbone"], before)
   assert max(jax.tree.leaves(moved)) > 1e-4  # the outer loop trained the image tower
   # A rerun restores the finished meta-training instead of redoing it: identical results.
+  caplog.set_level("INFO", logger="fszjax")
+  caplog.clear()
   r2 = adapt.run(_towers_cfg(gdir, pretrained, *extra, "--config.fewshot.meta.steps=2"), wd)
+  assert "resumed meta-training at step 2" in caplog.text
+  assert "meta step" not in caplog.text  # no meta-step ran again
   assert r2["methods"]["anil"] == r1["methods"]["anil"]
 
 
@@ -227,3 +231,20 @@ def test_outer_optimizer_schedules():
   with pytest.raises(adapt.AdaptError, match="'constant' or 'cosine'"):
     adapt.outer_optimizer(ml_collections.ConfigDict(dict(algorithm="maml", outer_lr=0.1, steps=10,
                                                          outer_schedule="linear")))
+
+
+def test_second_ctrl_c_interrupts_at_once():
+  import signal
+
+  from fszjax import interrupt
+
+  before = signal.getsignal(signal.SIGINT)
+  with interrupt.StopRequest("test") as stop:
+    assert not stop.requested
+    os.kill(os.getpid(), signal.SIGINT)  # first: only asks to stop
+    assert stop.requested
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)  # second: interrupts now
+      for _ in range(1000):  # (the handler runs between bytecodes)
+        pass
+  assert signal.getsignal(signal.SIGINT) == before  # the previous handler is back

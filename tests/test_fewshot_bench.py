@@ -35,7 +35,5 @@ def test_bench_imports_without_data_or_config_deps():
 
 
 def test_bench_refuses_a_towers_config():
-  from fszjax.fewshot import bench
-
   with pytest.raises(bench.BenchError, match="Conv-4"):
     bench.bench_adapt({"fewshot": {"backbone": "towers"}})

@@ -315,16 +315,22 @@ def test_sync_and_is_main_single_process():
   multihost.sync("noop")  # returns at once without peers
 
 
-def test_helpers_in_a_two_process_job(tmp_path):
-  """is_main / process_index / sync and a global batch built from both processes' rows."""
+def _run_probe_job(script, tmp_path, timeout):
+  """Runs tests/<script> in a local 2-process x 4-device job (launch/multiprocess_cpu.sh)
+  and asserts that it succeeds; the probe writes its results under tmp_path."""
   proc = _start([os.path.join(LAUNCH, "multiprocess_cpu.sh"), "2", "4", "--", sys.executable,
-                 os.path.join(ROOT, "tests", "multihost_probe.py"), str(tmp_path)],
+                 os.path.join(ROOT, "tests", script), str(tmp_path)],
                 str(tmp_path / "launcher.log"), FSZJAX_LOG_DIR=str(tmp_path))
   logs = [str(tmp_path / f"process_{i}.log") for i in range(2)]
   try:
-    assert _wait(proc, time.time() + 120, "the probe job", logs) == 0, _tail(*logs)
+    assert _wait(proc, time.time() + timeout, script, logs) == 0, _tail(*logs)
   finally:
     _kill_group(proc)
+
+
+def test_helpers_in_a_two_process_job(tmp_path):
+  """is_main / process_index / sync and a global batch built from both processes' rows."""
+  _run_probe_job("multihost_probe.py", tmp_path, 120)
   out = []
   for i in range(2):
     with open(tmp_path / f"process_{i}.json") as f:
@@ -420,21 +426,14 @@ def test_meta_training_sharded_over_two_processes_equals_one(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   import multihost_meta_probe as probe  # noqa: PLC0415
 
-  proc = _start([os.path.join(LAUNCH, "multiprocess_cpu.sh"), "2", "4", "--", sys.executable,
-                 os.path.join(ROOT, "tests", "multihost_meta_probe.py"), str(tmp_path)],
-                str(tmp_path / "launcher.log"), FSZJAX_LOG_DIR=str(tmp_path))
-  logs = [str(tmp_path / f"process_{i}.log") for i in range(2)]
-  try:
-    assert _wait(proc, time.time() + 180, "the meta-training job", logs) == 0, _tail(*logs)
-  finally:
-    _kill_group(proc)
+  _run_probe_job("multihost_meta_probe.py", tmp_path, 180)
   got = np.load(tmp_path / "meta_params.npz")
   from fszjax import sharding  # noqa: PLC0415
+  from fszjax.tree import flatten  # noqa: PLC0415
 
   host, losses = probe.run_meta(sharding.make_mesh(8, 1, 1))
   np.testing.assert_allclose(got["losses"], losses, rtol=1e-5)
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
-          for path, v in jax.tree_util.tree_flatten_with_path(host)[0]}
+  flat = flatten(host)
   assert set(flat) == set(got.files) - {"losses"}
   for k, v in flat.items():
     np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-6, err_msg=k)

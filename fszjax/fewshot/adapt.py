@@ -31,6 +31,7 @@ Results: ``W/results.json`` ``{"methods": {M: {SPLIT: {"5way1shot": {"mean", "ci
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -78,9 +79,6 @@ def _normalize(x, axis=-1):
 # ============================================================================ frozen towers
 
 
-_LOWERED: set[str] = set()
-
-
 def _sampler(index, labels, n_way, k_shot, q_query, seed, what):
   """An `EpisodeSampler`, lowering the queries per class (down to 1) when the split has too
   few examples per class (held-out fonts cover few characters many times); None if even
@@ -93,8 +91,7 @@ def _sampler(index, labels, n_way, k_shot, q_query, seed, what):
     except EpisodeError as e:
       err = e
       continue
-    if q < q_query and what not in _LOWERED:  # once per split and setting, not per variant
-      _LOWERED.add(what)
+    if q < q_query:
       log.info("%s: %d queries per class (the split has too few examples for %d)", what, q,
                q_query)
     return smp
@@ -115,13 +112,17 @@ def make_episode_eval(n_way: int, scale: float, bias: float, fcfg) -> Callable:
   """jitted ``f(fs, ys, fq, yq, text, ps, pq) -> {method: acc (T,)}`` over T tasks.
 
   fs/fq: (T, S|Q, E) normalised features; text: (T, N, E) normalised class text
-  embeddings; ps/pq: (T, S|Q, P) pixel vectors.
+  embeddings; ps/pq: (T, S|Q, P) pixel vectors. The same arguments give the same jitted
+  function, so the many tables of a run (splits, meta-trained tower, DG variants) compile
+  each task shape once.
   """
-  steps = int(fcfg.head_steps)
-  lr = float(fcfg.head_lr)
-  probe_steps = int(fcfg.probe_steps)
-  probe_lr = float(fcfg.probe_lr)
+  return _episode_eval(int(n_way), float(scale), float(bias), int(fcfg.head_steps),
+                       float(fcfg.head_lr), int(fcfg.probe_steps), float(fcfg.probe_lr))
 
+
+@functools.lru_cache(maxsize=None)
+def _episode_eval(n_way: int, scale: float, bias: float, steps: int, lr: float,
+                  probe_steps: int, probe_lr: float) -> Callable:
   def one(fs, ys, fq, yq, text, ps, pq):
     head0 = inner_lib.zeroshot_head(text, scale, bias)
     out = {"zeroshot": _acc(inner_lib.linear_head(head0, fq), yq),
@@ -214,15 +215,22 @@ def _split_data(encoder, data_cfg, split, templates, max_examples, keep_images=F
 
 
 def _few_shot_table(data: dict[str, SplitData], fcfg, scale, bias, seed, transform=None,
-                    methods=None) -> dict:
-  """{method: {split: {setting: summary}}} on (optionally transformed) features."""
+                    methods=None, samplers: dict | None = None) -> dict:
+  """{method: {split: {setting: summary}}} on (optionally transformed) features.
+
+  `samplers`: a dict shared by calls on the same splits (labels) and seed, so each split's
+  episode samplers are built once (the episodes depend only on labels and seed)."""
   out: dict = {}
+  samplers = {} if samplers is None else samplers
   for split, d in data.items():
     feats = d.feats if transform is None else transform(d.feats)
     for setting in fcfg.settings:
       n_way, k_shot = parse_setting(setting)
-      sampler = _sampler(np.arange(len(feats)), d.labels, n_way, k_shot, int(fcfg.q_query),
-                         seed, f"{split} {setting}")
+      key = (split, setting, seed)
+      if key not in samplers:
+        samplers[key] = _sampler(np.arange(len(feats)), d.labels, n_way, k_shot,
+                                 int(fcfg.q_query), seed, f"{split} {setting}")
+      sampler = samplers[key]
       if sampler is None:
         continue
       fn = make_episode_eval(n_way, scale, bias, fcfg)
@@ -294,6 +302,7 @@ def _dg(config, train: SplitData, evals: dict[str, SplitData], scale, bias, fcfg
   for a in dcfg.wise_alphas:
     variants[f"wise_ft_{a:g}"] = jax.tree.map(lambda z, f, a=a: (1 - a) * z + a * f, init, erm)
   result: dict = {"zeroshot": {}, "fewshot": {}, "per_font": {}}
+  samplers: dict = {}
   for name, params in variants.items():
     tf = (lambda x, params=params: np.asarray(_adaptor_apply(params, jnp.asarray(x))))
     result["zeroshot"][name] = {sp: _zeroshot_top1(tf(d.feats), d, scale) for sp, d in evals.items()}
@@ -305,7 +314,8 @@ def _dg(config, train: SplitData, evals: dict[str, SplitData], scale, bias, fcfg
       result["per_font"].setdefault(sp, {})[name] = {
           str(f): float(hits[names == f].mean()) for f in sorted(set(d.domain_names))}
     few = _few_shot_table(evals, _replace(fcfg, settings=list(dcfg.settings)), scale, bias,
-                          config.seed + 1, transform=tf, methods=("protonet", "zs_head_adapt"))
+                          config.seed + 1, transform=tf, methods=("protonet", "zs_head_adapt"),
+                          samplers=samplers)
     result["fewshot"][name] = few
   return result
 
@@ -347,17 +357,16 @@ def run_towers(config, workdir) -> dict:
                               fcfg.get("max_examples", 0) or None, keep_images=meta_on)
     log.info("features of %s: %d images, %d classes", split, len(data[split].labels),
              len(data[split].class_names))
-  results = {"methods": _few_shot_table(data, fcfg, scale, bias, config.seed),
+  samplers: dict = {}
+  results = {"methods": _few_shot_table(data, fcfg, scale, bias, config.seed, samplers=samplers),
              "zeroshot_top1": {sp: _zeroshot_top1(d.feats, d, scale) for sp, d in data.items()}}
   train = None
-  if fcfg.dg.enabled or meta_on:
-    max_train = (fcfg.meta.get("max_train_examples", 0) if meta_on else 0) or \
-        fcfg.dg.get("max_train_examples", 0) or None
-    train = _split_data(encoder, data_cfg, pre.data.train_split, templates, max_train,
-                        keep_images=meta_on)
+  if fcfg.dg.enabled or meta_on:  # loaded once for both
+    train = _split_data(encoder, data_cfg, pre.data.train_split, templates,
+                        fcfg.get("max_train_examples", 0) or None, keep_images=meta_on)
   if meta_on:
     meta = _meta_towers(config, workdir, pre.model, model, params, encoder, train, data, scale,
-                        bias)
+                        bias, samplers)
     results["methods"].update(meta.pop("methods"))
     results.update(meta)
   if fcfg.dg.enabled:
@@ -388,7 +397,7 @@ def towers_meta_cfg(fcfg, scale: float, bias: float) -> meta_lib.MetaConfig:
 
 
 def _meta_towers(config, workdir, model_cfg, model, params, encoder, train: SplitData,
-                 data: dict[str, SplitData], scale: float, bias: float) -> dict:
+                 data: dict[str, SplitData], scale: float, bias: float, samplers: dict) -> dict:
   """Meta-trains the image tower (ANIL: the zero-shot head adapts in the inner loop, the
   tower learns in the outer loop) on train-split tasks, then re-encodes every evaluation
   split and reports ``{alg}`` (zero-shot head adapted on the meta-trained tower) and
@@ -419,7 +428,7 @@ def _meta_towers(config, workdir, model_cfg, model, params, encoder, train: Spli
   meta_data = {sp: dataclasses.replace(d, feats=_image_feats(enc, d.images))
                for sp, d in data.items()}
   table = _few_shot_table(meta_data, fcfg, scale, bias, config.seed,
-                          methods=("zs_head_adapt", "zeroshot"))
+                          methods=("zs_head_adapt", "zeroshot"), samplers=samplers)
   names = {"zs_head_adapt": m.algorithm, "zeroshot": f"{m.algorithm}_zeroshot"}
   return {"methods": {names[k]: v for k, v in table.items()},
           "meta_training": {"steps": int(m.steps), "algorithm": m.algorithm,
@@ -474,6 +483,15 @@ def outer_optimizer(m) -> optax.GradientTransformation:
   return optax.sgd(lr) if m.algorithm == "reptile" else optax.adam(lr)
 
 
+def _local_devices(m) -> int:
+  """Devices that share the meta-batch and the evaluation episodes: this process's devices
+  (``fewshot.meta.devices``: 0 = all, else at most that many). With several processes each
+  runs the whole (identical) work on one device."""
+  n = jax.local_device_count() if jax.process_count() == 1 else 1
+  want = int(m.get("devices", 0) or 0)
+  return min(n, want) if want else n
+
+
 def meta_train(config, ckpt_dir: str, features_fn, mcfg: meta_lib.MetaConfig, meta_params,
                sample: Callable[[int], dict]):
   """Meta-trains ``config.fewshot.meta.steps`` steps on ``sample(step)`` meta-batches, with
@@ -487,11 +505,7 @@ def meta_train(config, ckpt_dir: str, features_fn, mcfg: meta_lib.MetaConfig, me
   opt = outer_optimizer(m)
   opt_state = opt.init(meta_params)
   mesh = None
-  # One process: the meta-batch is sharded over its devices (`--cpu_devices 2` on a 2-core
-  # CPU runs about 25% faster). Several processes each run the whole (identical) meta-batch.
-  ndev = jax.local_device_count() if jax.process_count() == 1 else 1
-  if int(m.get("devices", 0) or 0):
-    ndev = min(ndev, int(m.devices))
+  ndev = _local_devices(m)
   if ndev > 1 and int(m.meta_batch) % ndev == 0:
     from fszjax import sharding
 
@@ -512,41 +526,32 @@ def meta_train(config, ckpt_dir: str, features_fn, mcfg: meta_lib.MetaConfig, me
   meta_params, opt_state = state["params"], state["opt_state"]
   ckpt.reached_preemption(start)  # JAX's sync point counts from the last reported step
   total = int(m.steps)
-  t0, tasks_done = time.perf_counter(), 0
+  t0 = time.perf_counter()
+  log_every = int(config.log_every)
   with interrupt.StopRequest("meta-training") as stop:
     for step in range(start + 1, total + 1):
-      tasks_done += int(m.meta_batch)
-      meta_params, opt_state = _meta_step(config, ckpt, step_fn, meta_params, opt_state,
-                                          sample(step), step, total, stop, t0, tasks_done)
+      meta_params, opt_state, metrics = step_fn(meta_params, opt_state, sample(step))
+      if step % log_every == 0 or step == total:  # the only host sync of a step
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(host["loss"]):
+          raise AdaptError(f"meta-training loss is {host['loss']} at step {step}; lower "
+                           "config.fewshot.meta.outer_lr (the last good checkpoint is kept)")
+        rate = (step - start) * int(m.meta_batch) / (time.perf_counter() - t0)
+        log.info("meta step %d/%d loss %.4f query acc %.3f %.1f tasks/s", step, total,
+                 host["loss"], host["acc"], rate)
+      preempted, interrupted = ckpt.reached_preemption(step), stop.requested
+      if ckpt.should_save(step) or step == total or preempted or interrupted:
+        ckpt.save(step, {"step": jnp.asarray(step, jnp.int32), "params": meta_params,
+                         "opt_state": opt_state}, force=True)
+      if preempted or interrupted:
+        ckpt.close()
+        log.warning("stopped at meta step %d (%s); rerun the same command to resume", step,
+                    "preemption" if preempted else "Ctrl-C")
+        if interrupted:
+          raise KeyboardInterrupt
+        raise SystemExit(0)
   ckpt.close()
   return meta_params
-
-
-def _meta_step(config, ckpt, step_fn, meta_params, opt_state, tasks, step, total, stop, t0,
-               tasks_done):
-  """One meta-training step + logging, NaN check, checkpointing and stopping."""
-  meta_params, opt_state, metrics = step_fn(meta_params, opt_state, tasks)
-  interrupted = stop.requested
-  if step % int(config.log_every) == 0 or step == total:
-    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not math.isfinite(host["loss"]):
-      raise AdaptError(f"meta-training loss is {host['loss']} at step {step}; lower "
-                       "config.fewshot.meta.outer_lr (the last good checkpoint is kept)")
-    rate = tasks_done / (time.perf_counter() - t0)
-    log.info("meta step %d/%d loss %.4f query acc %.3f %.1f tasks/s", step, total,
-             host["loss"], host["acc"], rate)
-  preempted = ckpt.reached_preemption(step)
-  if ckpt.should_save(step) or step == total or preempted or interrupted:
-    ckpt.save(step, {"step": jnp.asarray(step, jnp.int32), "params": meta_params,
-                     "opt_state": opt_state}, force=True)
-  if preempted or interrupted:
-    ckpt.close()
-    log.warning("stopped at meta step %d (%s); rerun the same command to resume", step,
-                "preemption" if preempted else "Ctrl-C")
-    if interrupted:
-      raise KeyboardInterrupt
-    raise SystemExit(0)
-  return meta_params, opt_state
 
 
 def rotation_classes(images: np.ndarray, labels: np.ndarray,
@@ -607,12 +612,6 @@ def _chunked(fn: Callable, chunk: int, devices: int = 1) -> Callable:
   return run
 
 
-def _eval_devices(m) -> int:
-  """Local devices that share evaluation episodes (as meta-training's `devices`)."""
-  n = jax.local_device_count() if jax.process_count() == 1 else 1
-  return min(n, int(m.get("devices", 0) or 0)) if int(m.get("devices", 0) or 0) else n
-
-
 def run_conv4(config, workdir) -> dict:
   from fszjax.data import pipeline
   from fszjax.data.episodes import EpisodeSampler
@@ -636,7 +635,20 @@ def run_conv4(config, workdir) -> dict:
   meta_params = meta_lib.init_meta_params(mcfg, params)
   meta_params = meta_train(config, os.path.join(workdir, "checkpoints"), features_fn, mcfg,
                            meta_params, lambda step: _tasks(sampler.sample(step, int(m.meta_batch))))
-  # ---- evaluation.
+  # ---- evaluation: one jitted evaluator per N (reused across splits: same program).
+  evaluators: dict[int, tuple[Callable, Callable]] = {}
+
+  def evaluator(n_way: int):
+    if n_way not in evaluators:
+      ecfg = dataclasses.replace(mcfg, n_way=n_way).for_eval()
+      frozen = jax.lax.stop_gradient(meta_params)
+      ev = _chunked(lambda t: meta_lib.task_loss(frozen, t, features_fn=features_fn,
+                                                 cfg=ecfg)[1]["acc"],
+                    int(fcfg.get("eval_chunk", 0)), _local_devices(m))
+      proto = jax.jit(jax.vmap(lambda ps, ys, pq, yq: _acc(_proto_logits(ps, ys, pq, n_way), yq)))
+      evaluators[n_way] = ev, proto
+    return evaluators[n_way]
+
   methods: dict = {}
   for split in fcfg.splits:
     arrays = pipeline.load_split_arrays(config.data, split, fcfg.get("max_examples", 0) or None)
@@ -649,16 +661,10 @@ def run_conv4(config, workdir) -> dict:
                      config.seed + 17, f"{split} {setting}")
       if smp is None:
         continue
-      ecfg = dataclasses.replace(mcfg, n_way=n_way)
-      eval_params = meta_params
-      if ecfg.head_init == "learned" and n_way != n_way_train:
+      if mcfg.head_init == "learned" and n_way != n_way_train:
         raise AdaptError(f"a learned {n_way_train}-way head cannot run {setting}; use "
                          "config.fewshot.meta.head_init='zeros'")
-      ev = _chunked(lambda t: meta_lib.task_loss(
-          jax.lax.stop_gradient(eval_params), t, features_fn=features_fn,
-          cfg=ecfg.for_eval())[1]["acc"],
-                    int(fcfg.get("eval_chunk", 0)), _eval_devices(m))
-      proto = jax.jit(jax.vmap(lambda ps, ys, pq, yq: _acc(_proto_logits(ps, ys, pq, n_way), yq)))
+      ev, proto = evaluator(n_way)
       accs, paccs, done, index = [], [], 0, 0
       while done < int(fcfg.episodes):
         tcount = min(int(fcfg.episode_batch), int(fcfg.episodes) - done)

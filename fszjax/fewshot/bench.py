@@ -52,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
     "strategy": "meta_batch",  # or 'task_loop': jitted single-task grads in a Python loop
     "seed": 0,
 }
+
+
 class BenchError(ValueError):
   """A bad bench setting; the CLI shows it as one line (no traceback)."""
 
@@ -88,8 +90,9 @@ def _section(cfg: dict, dotted: str) -> dict:
 def resolve_settings(config: Any = None, **kwargs) -> dict:
   """Merged settings: DEFAULTS < config (known keys) < kwargs (unknown -> error).
 
-  Config keys are read from its top level, then its sections (`SECTIONS`): ``adapt``, ``fewshot``, ``fewshot.meta``, ``bench_adapt``; from the
-  first three the timing keys (`RUN_KEYS`) are ignored.
+  Config keys are read from its top level, then its sections (`SECTIONS`): ``adapt``,
+  ``fewshot``, ``fewshot.meta``, ``bench_adapt``; from the first three the timing keys
+  (`RUN_KEYS`) are ignored.
   """
   out = dict(DEFAULTS)
   cfg = _as_dict(config)
