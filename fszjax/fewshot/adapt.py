@@ -13,6 +13,10 @@ Two backbones (``config.fewshot.backbone``):
                       adapted by SGD on the support set; 0 steps = zeroshot exactly
     wise_ft           WiSE-FT: 0.5 x zero-shot head + 0.5 x adapted head
     pixels_protonet   nearest class mean of raw pixels (how much any learning adds)
+    anil              with ``fewshot.meta.enabled``: the image tower meta-trained by ANIL
+                      (inner loop = zs_head_adapt, outer loop = the tower; checkpoints in
+                      W/meta_checkpoints), then zs_head_adapt on its re-encoded features
+    anil_zeroshot     the zero-shot classifier on the meta-trained tower
   plus domain generalisation on held-out fonts: a linear feature adaptor (identity at
   start, so step 0 is the pretrained model) is fine-tuned on the source fonts to classify
   the train characters through the frozen text classifier, either by plain fine-tuning
