@@ -15,9 +15,11 @@ with each text chunk's gradient travelling along with it and arriving home after
 last hop. Nothing of size ``B x B`` or ``n_devices x b x E`` is ever stored, so the
 per-device memory is independent of the number of data-parallel devices.
 
-`clip_loss_chunked` needs full-row softmax normalisers; it all-gathers the embeddings
-(``B x E`` per device, as open_clip's ``gather_with_grad`` and big_vision do) and
-computes only the device's own ``(b, B)`` rows of the logits in each direction.
+`clip_loss_chunked` is the same ring for the softmax loss: the image rows' log-sum-exp
+accumulates on their device block by block, the text columns' travels with the text
+chunk; the backward pass replays the ring with the two ``(b,)`` normalisers saved. No
+all-gather of the embeddings (open_clip's ``gather_with_grad`` holds ``B x E`` and
+``(b, B)`` logits per device), so its per-device memory is flat in the device count too.
 """
 
 from __future__ import annotations
@@ -138,29 +140,86 @@ def siglip_loss_chunked(zimg, ztxt, log_scale, bias, mesh: Mesh,
       zimg, ztxt, jnp.asarray(log_scale, jnp.float32), jnp.asarray(bias, jnp.float32))
 
 
+def _make_clip_ring(axes: tuple[str, ...], n: int):
+  """Per-device ``sum(lse over rows) + sum(lse over columns)`` of the CLIP logits.
+
+  Text chunks travel around the ring; each device keeps its image rows. The image rows'
+  log-sum-exp accumulates locally (online, over the ``(b, b)`` blocks), the text
+  columns' travels with its chunk and is home after the last hop. The custom VJP keeps
+  only the embeddings and the two ``(b,)`` normalisers and replays the ring, recomputing
+  each block; each text chunk's gradient travels with it, as in the SigLIP ring.
+  """
+  perm = [(i, (i + 1) % n) for i in range(n)]
+
+  def shift(x):
+    return jax.lax.ppermute(x, axes, perm) if n > 1 else x
+
+  def block(zi, ztc, log_scale):
+    return jnp.exp(log_scale) * jnp.einsum("id,jd->ij", zi, ztc)
+
+  def normalisers(zi, zt, log_scale):
+    def body(carry, _):
+      ztc, lse_tc, lse_i = carry
+      logits = block(zi, ztc, log_scale)
+      lse_i = jnp.logaddexp(lse_i, jax.nn.logsumexp(logits, axis=1))
+      lse_tc = jnp.logaddexp(lse_tc, jax.nn.logsumexp(logits, axis=0))
+      return (shift(ztc), shift(lse_tc), lse_i), None
+
+    neg = jnp.full((zi.shape[0],), -jnp.inf, jnp.float32)
+    neg = jax.lax.pcast(neg, axes, to="varying") if axes else neg
+    (_, lse_t, lse_i), _ = jax.lax.scan(body, (zt, neg, neg), None, length=n)
+    return lse_i, lse_t
+
+  @jax.custom_vjp
+  def ring(zi, zt, log_scale):
+    lse_i, lse_t = normalisers(zi, zt, log_scale)
+    return jnp.sum(lse_i) + jnp.sum(lse_t)
+
+  def ring_fwd(zi, zt, log_scale):
+    lse_i, lse_t = normalisers(zi, zt, log_scale)
+    return jnp.sum(lse_i) + jnp.sum(lse_t), (zi, zt, log_scale, lse_i, lse_t)
+
+  def ring_bwd(res, g):
+    zi, zt, log_scale, lse_i, lse_t = res
+    scale = jnp.exp(log_scale)
+
+    def body(carry, _):
+      ztc, lse_tc, gztc, gzi, gt = carry
+      logits = block(zi, ztc, log_scale)
+      # d(sum lse_i + sum lse_t) / d logits: the row softmax plus the column softmax.
+      dl = g * (jnp.exp(logits - lse_i[:, None]) + jnp.exp(logits - lse_tc[None, :]))
+      gzi = gzi + scale * (dl @ ztc)
+      gztc = gztc + scale * jnp.einsum("ij,id->jd", dl, zi)
+      gt = gt + jnp.sum(dl * logits)
+      return (shift(ztc), shift(lse_tc), shift(gztc), gzi, gt), None
+
+    init = (zt, lse_t, jnp.zeros_like(zt), jnp.zeros_like(zi), jnp.zeros_like(log_scale))
+    (_, _, gzt, gzi, gt), _ = jax.lax.scan(body, init, None, length=n)
+    return gzi, gzt, gt
+
+  ring.defvjp(ring_fwd, ring_bwd)
+  return ring
+
+
 def clip_loss_chunked(zimg, ztxt, log_scale, mesh: Mesh, axes: Sequence[str] = BATCH_AXES):
-  """CLIP loss with each device computing only its own rows of the logits."""
+  """CLIP softmax loss as a ppermute ring over the mesh's batch axes.
+
+  Equal to `clip_loss_dense`. Every device holds only ``(b, b)`` blocks of the logits
+  (``b = B / devices``) and its own rows of the embeddings: nothing of size ``B x B``
+  or ``B x E`` is stored, so per-device memory does not grow with the device count.
+  """
   axes, n = _batch_axes(mesh, axes)
   if zimg.shape[0] % n:
     raise ValueError(f"batch {zimg.shape[0]} is not divisible by the {n} batch shards")
   global_b = zimg.shape[0]
+  ring = _make_clip_ring(axes, n)
 
   def per_device(zi, zt, t):
-    b = zi.shape[0]
-    if n > 1:
-      zi_all = jax.lax.all_gather(zi, axes, tiled=True)
-      zt_all = jax.lax.all_gather(zt, axes, tiled=True)
-      offset = jax.lax.axis_index(axes) * b
-    else:
-      zi_all, zt_all, offset = zi, zt, 0
-    scale = jnp.exp(t)
-    rows = jnp.arange(b)
-    i2t = scale * jnp.einsum("id,jd->ij", zi.astype(jnp.float32), zt_all.astype(jnp.float32))
-    t2i = scale * jnp.einsum("id,jd->ij", zt.astype(jnp.float32), zi_all.astype(jnp.float32))
-    pos_i2t = i2t[rows, offset + rows]
-    pos_t2i = t2i[rows, offset + rows]
-    local = (jnp.sum(jax.nn.logsumexp(i2t, axis=1) - pos_i2t)
-             + jnp.sum(jax.nn.logsumexp(t2i, axis=1) - pos_t2i))
+    zi, zt = zi.astype(jnp.float32), zt.astype(jnp.float32)
+    if axes:
+      t = jax.lax.pcast(t, axes, to="varying")
+    positives = jnp.exp(t) * jnp.sum(zi * zt, axis=1)
+    local = ring(zi, zt, t) - 2.0 * jnp.sum(positives)
     total = jax.lax.psum(local, axes) if axes else local
     return 0.5 * total / global_b
 

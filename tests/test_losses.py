@@ -82,6 +82,27 @@ def test_chunked_siglip_memory_does_not_grow_with_data_parallelism():
   assert chunked[8] < dense[8] / 2, (chunked, dense)
 
 
+def _clip_temp_bytes(fn, n, b=512, d=256):
+  mesh = mesh_of((n, 1, 1))
+  z = jax.ShapeDtypeStruct((b * n, d), jnp.float32, sharding=sharding.batch_sharding(mesh, 2))
+  s = jax.ShapeDtypeStruct((), jnp.float32, sharding=sharding.replicated(mesh))
+  g = jax.jit(jax.value_and_grad(lambda a, c, t: fn(a, c, t, mesh), argnums=(0, 1, 2)))
+  with jax.set_mesh(mesh):
+    return g.lower(z, z, s).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_clip_memory_not_above_dense():
+  # 512 rows per device, E=256 (issue 17): loss + gradient temporaries per device.
+  chunked = {n: _clip_temp_bytes(losses.clip_loss_chunked, n) for n in (2, 4, 8)}
+  dense = {n: _clip_temp_bytes(lambda a, c, t, m: losses.clip_loss_dense(a, c, t), n)
+           for n in (2, 4, 8)}
+  for n in (2, 4, 8):
+    assert chunked[n] <= dense[n], (n, chunked, dense)
+  # The ring holds (b, b) blocks only: flat in the device count, unlike dense.
+  assert chunked[8] <= chunked[2] * 1.05, chunked
+  assert chunked[8] < dense[8] / 4, (chunked, dense)
+
+
 def test_contrastive_loss_rejects_unknown_kind():
   zi, zt = _emb(4, 4)
   with pytest.raises(ValueError, match="unknown loss"):
