@@ -47,6 +47,10 @@ def load_config(path: str):
   if not os.path.exists(path):
     raise LoadError(f"{path} does not exist; pass a fszjax workdir, a converted directory "
                     "(`fszjax convert ...`) or a checkpoint step directory")
+  if not os.path.isdir(path):
+    raise LoadError(f"{path} is a file, not a fszjax model; pass a fszjax workdir, a directory "
+                    "written by `fszjax convert` (weights files go through `fszjax convert` "
+                    "first) or a checkpoint step directory")
   candidates = [path]
   try:
     step_dir = ckpt_lib.resolve_step_dir(path)
@@ -61,9 +65,44 @@ def load_config(path: str):
     for cand in (os.path.join(step_dir, "config", "metadata"), os.path.join(step_dir, "config")):
       if os.path.isfile(cand):
         with open(cand) as f:
-          return ml_collections.ConfigDict(json.load(f)), step_dir
+          cfg = ml_collections.ConfigDict(json.load(f))
+        config_lib.resolve_paths(cfg, step_dir)
+        return cfg, step_dir
   raise LoadError(f"no config.json next to {path}; pass the workdir (or the directory "
                   "`fszjax convert` wrote)")
+
+
+def model_tokenizer(config, base_dir: str | None):
+  """The tokenizer of a loaded model config: the file ``config.data.tokenizer.path`` names
+  (relative to ``base_dir``, the directory of its config.json; pretraining workdirs and
+  converted directories carry it in ``tokenizer/``), read the way ``kind`` says. Only a
+  config without a tokenizer file (a workdir written before workdirs carried theirs)
+  falls back to the dataset's tokenizer, which needs the dataset."""
+  from fszjax.convert import tokenizers  # noqa: PLC0415
+  from fszjax.data import pipeline  # noqa: PLC0415
+  from fszjax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
+
+  tcfg = config.data.tokenizer
+  where = base_dir or "the model"
+  path = tokenizers.resolve_path(tcfg.get("path", None), base_dir)
+  if path and not os.path.exists(path):
+    raise LoadError(f"the tokenizer file {path} of {where} is missing; copy the whole workdir "
+                    "(with its tokenizer/ folder), or pass fszjax.load(PATH, tokenizer='FILE') / "
+                    "--config.data.tokenizer.path=FILE")
+  tok = tokenizers.from_config(tcfg, base_dir)
+  if tok is not None:
+    return tok
+  if path:
+    return tokenizer_lib.load_tokenizer(path)
+  try:
+    return pipeline.get_tokenizer(config.data)
+  except pipeline.DataError as e:
+    raise LoadError(
+        f"{where} carries no tokenizer file (config.data.tokenizer.path is empty: written before "
+        "workdirs kept a copy, or a checkpoint without its workdir) and the dataset it was "
+        f"trained on is not readable ({e}); pass fszjax.load(PATH, tokenizer='FILE.model') / "
+        "--config.data.tokenizer.path=FILE.model, or --config.data.data_dir=DIR where the "
+        "dataset is prepared") from None
 
 
 def _to_pil(img, mode: str):
@@ -179,21 +218,7 @@ class Model:
   def tokenizer(self):
     """The model's tokenizer (loaded on first use)."""
     if self._tokenizer is None:
-      from fszjax.convert import tokenizers  # noqa: PLC0415
-
-      tcfg = self.config.data.tokenizer
-      tok = tokenizers.from_config(tcfg, self.base_dir)
-      if tok is None:
-        path = tokenizers.resolve_path(tcfg.get("path", None), self.base_dir)
-        if path:
-          from fszjax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
-
-          tok = tokenizer_lib.load_tokenizer(path)
-        else:
-          from fszjax.data import pipeline  # noqa: PLC0415
-
-          tok = pipeline.get_tokenizer(self.config.data)
-      self._tokenizer = tok
+      self._tokenizer = model_tokenizer(self.config, self.base_dir)
     return self._tokenizer
 
   def tokenize(self, texts: str | Sequence[str]) -> np.ndarray:
@@ -270,6 +295,16 @@ class Model:
     e = np.exp(s)
     return e / e.sum(axis=1, keepdims=True)
 
+  # -- few-shot
+  def few_shot(self, support_images, support_labels, *, class_names=None,
+               method: str = "zs_head_adapt", **options):
+    """A classifier adapted to a few labelled images: see `fszjax.fewshot.api.few_shot`
+    (methods zeroshot, protonet, zs_head_adapt, finetune, wise_ft)."""
+    from fszjax.fewshot import api  # noqa: PLC0415
+
+    return api.few_shot(self, support_images, support_labels, class_names=class_names,
+                        method=method, **options)
+
   def _batched(self, fn, x: np.ndarray) -> np.ndarray:
     n = len(x)
     if n == 0:
@@ -302,8 +337,16 @@ def load(path: str, *, tokenizer: Any = None, batch_size: int = 64,
   `Model`."""
   from fszjax import checkpoint as ckpt_lib  # noqa: PLC0415
 
-  config, base_dir = load_config(path)
-  params = ckpt_lib.load_params_numpy(path)
+  try:
+    config, base_dir = load_config(path)
+    params = ckpt_lib.load_params_numpy(path)
+  except UserError:
+    raise
+  except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable bytes, bad JSON, ...
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+    raise LoadError(f"{os.path.abspath(os.path.expanduser(path))} is not a loadable fszjax model "
+                    f"({type(e).__name__}: {first}); pass a fszjax workdir, a directory written "
+                    "by `fszjax convert` or a checkpoint step directory") from None
   if isinstance(tokenizer, str):
     from fszjax.convert import tokenizers  # noqa: PLC0415
     from fszjax.data import tokenizer as tokenizer_lib  # noqa: PLC0415

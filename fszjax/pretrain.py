@@ -131,11 +131,15 @@ def _seed_data(config):
   return jax.random.key_data(jax.random.key(config.seed))
 
 
-def state_shardings(config, mesh: Mesh, rules, model: TwoTower | None = None):
-  """Abstract TrainState (`ShapeDtypeStruct`s carrying their shardings on `mesh`).
+def abstract_train_state(config, mesh: Mesh, rules, model: TwoTower | None = None):
+  """Abstract TrainState: `ShapeDtypeStruct`s carrying their shardings on `mesh`.
 
-  Used both to initialise in place and as the restore target of a checkpoint written on
-  any other mesh. Nothing is materialised.
+  Parameters are sharded by their logical axes through `rules`; every optimizer-state
+  leaf that mirrors a parameter (Adam's moments) is sharded like that parameter, and
+  counters are replicated (`sharding.optimizer_state_shardings`). Used both to
+  initialise in place and as the restore target of a checkpoint written on any other
+  mesh or with any other layout (e.g. the replicated optimizer state of older
+  checkpoints). Nothing is materialised.
   """
   model, tx, _, init_boxed = _state_parts(config, model)
   abstract_boxed, abstract_rng = jax.eval_shape(init_boxed, _seed_data(config))
@@ -143,9 +147,8 @@ def state_shardings(config, mesh: Mesh, rules, model: TwoTower | None = None):
   abstract_params = jax.tree.map(
       lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
       nn.unbox(abstract_boxed), param_sh)
-  with jax.set_mesh(mesh):
-    opt_sh = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sh = sharding.optimizer_state_shardings(tx, abstract_opt, abstract_params, mesh)
   abstract_opt = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                               abstract_opt, opt_sh)
   rep = sharding.replicated(mesh)
@@ -162,7 +165,7 @@ def create_train_state(config, mesh: Mesh, rules, model: TwoTower | None = None)
   The state's ``rng`` is raw key data (uint32), which checkpoints portably.
   """
   model, tx, schedule, init_boxed = _state_parts(config, model)
-  abstract = state_shardings(config, mesh, rules, model)
+  abstract = abstract_train_state(config, mesh, rules, model)
   shardings = sharding.shardings_of(abstract)
 
   def init(rng_data):
@@ -220,6 +223,7 @@ def make_train_step(model: TwoTower, tx, schedule, config, mesh: Mesh | None, ru
   chunked = bool(config.get("loss_chunked", True)) and mesh is not None
   accum = int(config.get("grad_accum", 1))
   rules = rules if rules is not None else sharding.DEFAULT_RULES
+  param_shardings = state_shardings.params if (mesh is not None and state_shardings is not None) else None
 
   def loss_of(zi, zt, t, b):
     return losses.contrastive_loss(kind, zi, zt, t, b, mesh=mesh, chunked=chunked)
@@ -266,6 +270,8 @@ def make_train_step(model: TwoTower, tx, schedule, config, mesh: Mesh | None, ru
   def step(state: TrainState, batch):
     with nn.logical_axis_rules(rules):
       loss, grads, zi, zt = grads_and_metrics(state.params, batch)
+      if param_shardings is not None:
+        grads = jax.lax.with_sharding_constraint(grads, param_shardings)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       t, b = scale_bias(state.params)
@@ -306,9 +312,14 @@ def make_train_step(model: TwoTower, tx, schedule, config, mesh: Mesh | None, ru
 
 
 class TrainingDiverged(RuntimeError):
-  """The loss became NaN/inf; the last good checkpoint is kept."""
+  """The loss spiked or became NaN/inf; checkpoints written after the last good loss are
+  moved aside and the message names the step a rerun resumes from."""
 
   user_error = True
+
+  def __init__(self, message: str, loss: float = float("nan"), step: int = 0):
+    super().__init__(message)
+    self.loss, self.step = loss, step
 
 
 def init_params_from(state: TrainState, path: str, keys: str = "") -> tuple[TrainState, int]:
@@ -357,21 +368,101 @@ def init_params_from(state: TrainState, path: str, keys: str = "") -> tuple[Trai
   return state.replace(params=params), copied
 
 
-def _finite_or_raise(loss: float, step: int, ckpt) -> None:
-  import math
+class LossMonitor:
+  """Divergence detection on the losses the loop fetches (log and save steps).
 
-  if not math.isfinite(loss):
-    last = ckpt.latest_step() if ckpt is not None else None
-    kept = f"the last good checkpoint (step {last}) is kept" if last else "no checkpoint was written"
-    raise TrainingDiverged(f"loss is {loss} at step {step}; {kept}; lower config.optim.lr or "
-                           "raise config.optim.warmup_steps")
+  A loss *spikes* when it is NaN/inf, or when it exceeds ``factor`` times the median of
+  the last ``window`` good losses and that median by more than ``min_jump`` (so a run
+  whose loss is near zero does not trip on noise). ``last_ok`` is the latest step whose
+  loss was good: the loss of step s is computed with the params of checkpoint s - 1, so
+  checkpoints at ``last_ok`` and later are not known to be good once a spike is seen.
+  """
+
+  def __init__(self, factor: float = 10.0, window: int = 20, min_jump: float = 1.0,
+               start: int = 0, history=()):
+    self.factor, self.window, self.min_jump = float(factor), int(window), float(min_jump)
+    self.history = [float(x) for x in history][-self.window:]
+    self.last_ok = start
+
+  def median(self) -> float | None:
+    import statistics
+
+    return statistics.median(self.history) if self.history else None
+
+  def check(self, loss: float, step: int) -> None:
+    import math
+
+    med = self.median()
+    if not math.isfinite(loss):
+      raise TrainingDiverged(f"loss is {loss} at step {step}", loss, step)
+    if (self.factor > 0 and med is not None and loss > self.factor * med
+        and loss - med > self.min_jump):
+      raise TrainingDiverged(f"loss is {loss:.4g} at step {step}, more than "
+                             f"{self.factor:g}x the median {med:.4g} of the recent losses", loss, step)
+    self.history = (self.history + [loss])[-self.window:]
+    self.last_ok = max(self.last_ok, step)
+
+
+def _finite_or_raise(loss: float, step: int, monitor: LossMonitor) -> None:
+  """Raises `TrainingDiverged` if `loss` (of `step`) is non-finite or a spike."""
+  monitor.check(loss, step)
+
+
+def _diverged(e: TrainingDiverged, ckpt, monitor: LossMonitor, lr: float) -> TrainingDiverged:
+  """Moves the checkpoints from ``monitor.last_ok`` on aside and says how to continue."""
+  ckpt.wait()
+  suspect = [s for s in ckpt.all_steps() if s >= monitor.last_ok]
+  moved = ckpt.set_aside(suspect, "diverged") if suspect else []
+  good = ckpt.latest_step()
+  aside = (f"checkpoint step(s) {suspect} (written after the last good loss, step "
+           f"{monitor.last_ok}) moved aside to {moved[0]}{' ...' if len(moved) > 1 else ''}; "
+           if moved else "")
+  if good is not None:
+    how = (f"rerunning the same command resumes from step {good} (the last checkpoint from "
+           f"before the blow-up), and a changed --config.optim.lr (e.g. {lr / 10:g}) or a longer "
+           "--config.optim.warmup_steps takes effect from there; or pass --fresh to start over")
+  else:
+    how = ("no checkpoint predates the blow-up, so rerunning starts over from step 0: lower "
+           f"--config.optim.lr (e.g. {lr / 10:g}) or raise --config.optim.warmup_steps")
+  return TrainingDiverged(f"{e}: training diverged; {aside}{how}", e.loss, e.step)
 
 
 def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
   """Runs (or resumes) pretraining in `workdir`. Returns the summary dict.
 
   ``stop_at`` ends the run after that step as if preempted (tests of exact resume).
+  One run at a time writes a workdir: a second one refuses with one line
+  (`fszjax.workdir.WorkdirLock`, taken by process 0, released by the OS if it dies).
   """
+  from fszjax import workdir as workdir_lib
+
+  with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _train(config, workdir, stop_at=stop_at)
+
+
+def _check_inputs(config) -> None:
+  """Fail fast: the ``init_from`` checkpoint and every dataset split the config names
+  (training and evaluation) are checked before the model is built."""
+  from fszjax import checkpoint
+  from fszjax.data import pipeline
+
+  src = config.get("init_from", "")
+  if src:
+    try:
+      checkpoint.step_dirs(src)
+    except checkpoint.CheckpointError as e:
+      raise checkpoint.CheckpointError(f"config.init_from={src}: {e}") from None
+  ecfg = config.get("eval", None)
+  splits = list(ecfg.get("splits", ()) if ecfg is not None else ()) or list(
+      config.data.get("eval_splits", ()) or ())
+  if splits:  # the final evaluation always runs
+    comp = pipeline._single_component(config.data)  # pylint: disable=protected-access
+    for split in splits:
+      pipeline._open(comp, split)  # pylint: disable=protected-access
+
+
+def _train(config, workdir: str, *, stop_at: int | None = None) -> dict:
+  """`train` with the workdir lock held."""
   import json
   import logging
   import os
@@ -379,41 +470,61 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
 
   from fszjax import checkpoint, evaluate, metrics as metrics_lib
   from fszjax import config as config_lib
+  from fszjax import workdir as workdir_lib
   from fszjax.data import pipeline
 
   log = logging.getLogger("fszjax")
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  # ---- fail fast: everything the config names is checked before the model is built.
+  workdir_lib.make(workdir)
+  if is_main:
+    workdir_lib.check_writable(workdir)
   mesh = sharding.mesh_from_config(config.mesh)
   rules = sharding.rules_from_config(config)
   sharding.check_global_batch(config.batch_size, mesh)
-  if config.get("init_from", "") and not os.path.exists(os.path.expanduser(config.init_from)):
-    raise checkpoint.CheckpointError(
-        f"config.init_from={config.init_from} does not exist; pass a fszjax workdir or checkpoint")
-  if is_main:
-    config_lib.save_config(config, os.path.join(workdir, "config.json"))
+  _check_inputs(config)
+  train_iter = pipeline.make_train_iterator(config.data, global_batch=config.batch_size,
+                                            seed=config.seed)
+  tokenizer = pipeline.get_tokenizer(config.data)
+  if tokenizer.vocab_size > config.model.text.vocab_size:
+    raise config_lib.ConfigError(
+        f"the tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size="
+        f"{config.model.text.vocab_size}; set it to {tokenizer.vocab_size}")
+  if is_main:  # the tokenizer travels with the workdir: config.json points at its copy
+    from fszjax.data import tokenizer as tokenizer_lib
+
+    saved = config.copy_and_resolve_references()
+    with saved.data.tokenizer.ignore_type():
+      saved.data.tokenizer.path = tokenizer_lib.copy_to_workdir(
+          pipeline.get_tokenizer(config.data), workdir)
+    config_lib.save_config(saved, os.path.join(workdir, "config.json"))
 
   state, model, tx, schedule = create_train_state(config, mesh, rules)
   state_sh = sharding.shardings_of(state)
-  train_iter = pipeline.make_train_iterator(config.data, global_batch=config.batch_size,
-                                            seed=config.seed)
   ccfg = config.checkpoint
   ckpt = checkpoint.Checkpointer(
       os.path.join(workdir, "checkpoints"), save_every=ccfg.save_every, keep=ccfg.keep,
       best_metric=ccfg.get("best_metric", None) or None, best_mode=ccfg.get("best_mode", "max"),
-      async_save=ccfg.get("async_save", True))
+      async_save=ccfg.get("async_save", True), on_save_error=ccfg.get("on_save_error", "stop"))
+  ckpt.state_bytes = checkpoint.tree_nbytes(state)
+  if is_main:  # room for two checkpoints (the keep policy never holds fewer)
+    workdir_lib.check_free_space(ckpt.directory, 2 * ckpt.state_bytes,
+                                 "two checkpoints of this run")
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   start = 0
   if ckpt.all_steps():
-    abstract = state_shardings(config, mesh, rules, model)
+    abstract = abstract_train_state(config, mesh, rules, model)
     start, state = ckpt.restore(abstract, iterator=train_iter)
-    writer.truncate_after(start)
     if is_main:
       log.info("resumed from step %d", start)
   elif config.get("init_from", ""):
     state, n = init_params_from(state, config.init_from, config.get("init_keys", ""))
     if is_main:
       log.info("initialised %d parameter arrays from %s", n, config.init_from)
+  writer.truncate_after(start)  # rows a crashed or diverged run logged past `start`
+  history = [r["loss"] for r in metrics_lib.read_jsonl(writer.path)
+             if "loss" in r and r.get("step", 0) <= start] if jax.process_count() == 1 and start else []
+  monitor = LossMonitor(float(ccfg.get("spike_factor", 10.0)), start=start, history=history)
   # JAX's preemption sync point is 1 + the last step any process reported: report the
   # start now, so a SIGTERM during the first (compiling) step of a resumed run still stops.
   ckpt.reached_preemption(start)
@@ -421,11 +532,6 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
   step_fn = make_train_step(model, tx, schedule, config, mesh, rules, state_shardings=state_sh)
   total = int(config.total_steps)
   log_every, eval_every = int(config.log_every), int(config.get("eval_every", 0) or 0)
-  tokenizer = pipeline.get_tokenizer(config.data)
-  if tokenizer.vocab_size > config.model.text.vocab_size:
-    raise config_lib.ConfigError(
-        f"the tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size="
-        f"{config.model.text.vocab_size}; set it to {tokenizer.vocab_size}")
   eval_cache: dict = {}
 
   def run_eval():
@@ -451,7 +557,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         row = None
         if step % log_every == 0 or step == total:
           host = jax.device_get(metrics)
-          _finite_or_raise(float(host["loss"]), step, ckpt)
+          _finite_or_raise(float(host["loss"]), step, monitor)
           now = time.perf_counter()
           row = {k: float(v) for k, v in host.items()}
           row["examples_per_sec"] = steps_since * config.batch_size / (now - t_last)
@@ -473,7 +579,8 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
         interrupted = stop_request.requested
         stop_now = (stop_at is not None and step >= stop_at) or interrupted
         if ckpt.should_save(step) or step == total or preempted or stop_now:
-          _finite_or_raise(float(jax.device_get(metrics["loss"])), step, ckpt)
+          # Never save while the loss spikes: the checkpoint would be kept as "good".
+          _finite_or_raise(float(jax.device_get(metrics["loss"])), step, monitor)
           ckpt.save(step, state, train_iter, config, metrics=eval_metrics, force=True)
         if preempted or stop_now:
           stopped_early = True
@@ -481,6 +588,9 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
             log.warning("stopping at step %d (%s); rerun the same command to resume", step,
                         "preemption" if preempted else "Ctrl-C" if interrupted else "stop_at")
           break
+  except TrainingDiverged as e:
+    progress.close()
+    raise _diverged(e, ckpt, monitor, float(config.optim.lr)) from None
   finally:
     ckpt.wait()
     progress.close()

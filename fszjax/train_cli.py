@@ -23,6 +23,13 @@ def _cmd_pretrain(args, overrides) -> int:
   if args.fresh and os.path.isdir(args.workdir):
     import shutil
 
+    from fszjax import workdir as workdir_lib
+
+    holder = workdir_lib.is_locked(args.workdir)
+    if holder:  # never delete the workdir of a running run
+      raise workdir_lib.WorkdirError(f"--fresh: workdir {args.workdir} is in use by another run "
+                                     f"({holder}); wait for it or stop it first")
+
     shutil.rmtree(args.workdir)
   summary = pretrain.train(cfg, args.workdir, stop_at=args.stop_at)
   import jax
@@ -49,36 +56,40 @@ def evaluate_checkpoint(workdir: str | None, checkpoint: str | None, overrides=(
   src = checkpoint or workdir
   if src is None:
     raise config_lib.ConfigError("pass --workdir or --checkpoint")
-  step_dir = ckpt_lib.resolve_step_dir(src)
-  cfg_path = None
-  for cand in (os.path.join(step_dir, "config", "metadata"), os.path.join(step_dir, "config")):
-    if os.path.isfile(cand):
-      cfg_path = cand
-      break
-  if workdir and os.path.isfile(os.path.join(workdir, "config.json")):
-    cfg = config_lib.load_config(os.path.join(workdir, "config.json"), overrides)
-  elif cfg_path:
-    import ml_collections
+  from fszjax import inference
+  from fszjax.data import pipeline
 
-    with open(cfg_path) as f:
-      cfg = ml_collections.ConfigDict(json.load(f))
-    for k, v in overrides:
-      config_lib.apply_override(cfg, k, v)
-  else:
-    raise ckpt_lib.CheckpointError(f"no config found next to {step_dir}")
+  step_dir = ckpt_lib.resolve_step_dir(src)
+  # config.json of the workdir (paths resolved against it), else the checkpoint's own.
+  try:
+    cfg, base_dir = inference.load_config(workdir if workdir and os.path.isfile(
+        os.path.join(workdir, "config.json")) else step_dir)
+  except inference.LoadError:
+    raise ckpt_lib.CheckpointError(f"no config found next to {step_dir}") from None
+  for k, v in overrides:
+    config_lib.apply_override(cfg, k, v)
+  config_lib.validate(cfg)
   # The current machine's mesh: all local devices on the batch axes unless overridden.
   keys = {k for k, _ in overrides}
   if not any(k.startswith("mesh.") for k in keys):
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = -1, 1, 1
   mesh = sharding.mesh_from_config(cfg.mesh, devices=devices)
   rules = sharding.rules_from_config(cfg)
-  abstract = pretrain.state_shardings(cfg, mesh, rules)
-  step = int(os.path.basename(step_dir))
+  abstract = pretrain.abstract_train_state(cfg, mesh, rules)
+  # A step directory restores exactly that step; a workdir its newest readable one.
+  given_step = os.path.isdir(os.path.join(os.path.abspath(os.path.expanduser(src)), "state"))
+  step = int(os.path.basename(step_dir)) if given_step else None
   ckpt = ckpt_lib.Checkpointer(os.path.dirname(step_dir), read_only=True)
   step, state = ckpt.restore(abstract, step=step)
   model = pretrain.build_model(cfg.model)
-  with jax.set_mesh(mesh):
-    result = evaluate.run_evaluators(cfg, model, state.params)
+  tokenizer = inference.model_tokenizer(cfg, base_dir)  # the model's own (its workdir's copy)
+  try:
+    with jax.set_mesh(mesh):
+      result = evaluate.run_evaluators(cfg, model, state.params, tokenizer)
+  except pipeline.DataError as e:
+    raise pipeline.DataError(
+        f"{e}; or, where the dataset is prepared elsewhere, pass --config.data.data_dir=DIR "
+        "(another dataset: --config.data.name=NAME, --config.eval.splits=[...])") from None
   result = {"steps": step, **result}
   out_path = out_path or os.path.join(workdir or os.path.dirname(os.path.dirname(step_dir)),
                                       "eval.json")
