@@ -6,7 +6,11 @@ of its normalised text embeddings, renormalised. An image is assigned the class 
 row has the largest cosine similarity.
 
 Retrieval: images and texts carry group ids (for COCO-style data the image index; for
-class-named data the class); a retrieved item is a hit when its group matches.
+class-named data the class); a retrieved item is a hit when its group matches. On caption
+data (several captions per image, no labels) an image is right for each of its captions
+and a caption for its image; zero-shot classification runs only where there are labels.
+Recall is computed over chunks of queries, so the ``N x M`` similarity matrix is never
+held whole.
 """
 
 from __future__ import annotations
@@ -17,6 +21,12 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fszjax.errors import UserError
+
+
+class EvalDataError(UserError):
+  """An evaluation split that cannot be evaluated; the message names the fix."""
 
 
 def _normalize(x, axis=-1):
@@ -77,19 +87,62 @@ def topk_accuracy(zimg: np.ndarray, classifier: np.ndarray, labels: np.ndarray,
   return out
 
 
+def _first_hit_ranks(queries: np.ndarray, items: np.ndarray, query_group: np.ndarray,
+                     item_group: np.ndarray, chunk_elements: int) -> np.ndarray:
+  """Rank (0-based) of the first right item of each query, over chunks of queries.
+
+  The rank is the number of wrong items scoring at least the best right item: ties count
+  against the query, so recall never depends on storage order and a collapsed model
+  (all similarities equal) scores as it deserves. NaN similarities count as -inf.
+  """
+  num_items = len(items)
+  rows = max(1, chunk_elements // max(num_items, 1))
+  ranks = np.empty(len(queries), np.int64)
+  for s in range(0, len(queries), rows):
+    sims = np.nan_to_num(queries[s:s + rows] @ items.T, nan=-np.inf)  # (b, M)
+    right = query_group[s:s + rows, None] == item_group[None, :]
+    if not right.any(axis=1).all():
+      raise ValueError("retrieval_metrics: a query has no right item among the candidates")
+    best = np.where(right, sims, -np.inf).max(axis=1, keepdims=True)
+    ranks[s:s + rows] = np.sum((sims >= best) & ~right, axis=1)
+  return ranks
+
+
 def retrieval_metrics(zimg: np.ndarray, ztxt: np.ndarray, img_group: np.ndarray,
-                      txt_group: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
-  """Recall@K both ways. ``zimg (N, E)``, ``ztxt (M, E)``, group ids ``(N,)`` and ``(M,)``."""
-  sims = _normalize(zimg) @ _normalize(ztxt).T
+                      txt_group: np.ndarray, ks=(1, 5, 10),
+                      chunk_elements: int = 1 << 24) -> dict[str, float]:
+  """Recall@K both ways. ``zimg (N, E)``, ``ztxt (M, E)``, group ids ``(N,)`` and ``(M,)``.
+
+  A text is right for an image when their group ids are equal, so an image may have several
+  right texts (COCO: group = image index, each image owning its captions) and a text
+  several right images (class names: group = class). ``i2t_r{k}``: fraction of images with
+  a right text among their k best; ``t2i_r{k}`` likewise for texts. Ties with a wrong item
+  count as misses (see `_first_hit_ranks`). Similarities are computed in chunks of at most
+  ``chunk_elements`` entries. Every image and text needs at least one right counterpart.
+  """
+  zimg, ztxt = _normalize(zimg), _normalize(ztxt)
   img_group, txt_group = np.asarray(img_group), np.asarray(txt_group)
-  i2t = np.argsort(-sims, axis=1, kind="stable")
-  t2i = np.argsort(-sims.T, axis=1, kind="stable")
+  if len(img_group) != len(zimg) or len(txt_group) != len(ztxt):
+    raise ValueError(f"retrieval_metrics: {len(zimg)} images / {len(img_group)} image groups, "
+                     f"{len(ztxt)} texts / {len(txt_group)} text groups")
+  i2t = _first_hit_ranks(zimg, ztxt, img_group, txt_group, chunk_elements)
+  t2i = _first_hit_ranks(ztxt, zimg, txt_group, img_group, chunk_elements)
   out = {}
   for k in ks:
-    out[f"i2t_r{k}"] = float(np.mean(np.any(txt_group[i2t[:, :k]] == img_group[:, None], axis=1)))
-    out[f"t2i_r{k}"] = float(np.mean(np.any(img_group[t2i[:, :k]] == txt_group[:, None], axis=1)))
+    out[f"i2t_r{k}"] = float(np.mean(i2t < k))
+    out[f"t2i_r{k}"] = float(np.mean(t2i < k))
   out.update(num_images=int(len(img_group)), num_texts=int(len(txt_group)))
   return out
+
+
+def caption_groups(captions: Sequence[Sequence[str]]) -> tuple[list[str], np.ndarray]:
+  """Flattens per-image caption lists: ``(texts, owner)`` with ``owner[j]`` the image of
+  ``texts[j]``. Images may have any number of captions (none included)."""
+  texts, owner = [], []
+  for i, caps in enumerate(captions):
+    texts.extend(caps)
+    owner.extend([i] * len(caps))
+  return texts, np.asarray(owner, np.int64)
 
 
 def _replicated_like(tree) -> dict:
@@ -164,10 +217,35 @@ def evaluate_split(encoder: Encoder, arrays: dict, templates: Sequence[str],
   return zs, ret
 
 
+def evaluate_captions(encoder: Encoder, arrays: dict, ks=(1, 5, 10)) -> dict:
+  """Image<->caption recall@K on one split's arrays (``image``, ``captions``: a list of
+  caption lists, one per image). Images without captions are left out of the queries and
+  candidates and counted in ``images_without_captions``."""
+  captions = arrays["captions"]
+  keep = np.asarray([i for i, caps in enumerate(captions) if len(caps)], np.int64)
+  if len(keep) == 0:
+    raise EvalDataError(f"no image of the split has a caption ({len(captions)} images); check "
+                        "data.text_key or choose another eval split")
+  texts, owner = caption_groups([captions[i] for i in keep])
+  zimg = encoder.images(arrays["image"])[keep]
+  ztxt = encoder.texts(texts)
+  out = retrieval_metrics(zimg, ztxt, np.arange(len(keep)), owner, ks=ks)
+  counts = np.bincount(owner, minlength=len(keep))
+  out.update(images_without_captions=int(len(captions) - len(keep)),
+             captions_per_image_min=int(counts.min()), captions_per_image_max=int(counts.max()))
+  return out
+
+
 def _remap_to_present(arrays: dict) -> dict:
-  """Restricts the class list to the classes present in the split (labels renumbered)."""
+  """Restricts the class list to the classes present in the split (labels renumbered).
+  Arrays without class names (caption data) are returned as they are."""
+  if not arrays.get("class_names"):
+    return arrays
   labels = np.asarray(arrays["label"])
   present = np.unique(labels)
+  if len(present) == 0 or present[0] < 0:
+    raise EvalDataError("a labelled eval split has examples without a label (-1); check "
+                        "data.label_key")
   remap = -np.ones(int(present.max()) + 1, np.int64)
   remap[present] = np.arange(len(present))
   out = dict(arrays)
@@ -179,7 +257,11 @@ def _remap_to_present(arrays: dict) -> dict:
 def run_evaluators(config, model, params, tokenizer=None, splits=None, arrays_cache=None,
                    max_examples: int | None = None) -> dict:
   """Zero-shot + retrieval on the config's eval splits. Returns the summary-format dict
-  ``{"zeroshot": {split: {...}}, "retrieval": {split: {...}}}``."""
+  ``{"zeroshot": {split: {...}}, "retrieval": {split: {...}}}``.
+
+  A split with class names (labels) gets zero-shot classification and image<->class-name
+  retrieval; a split without labels but with captions (``data.text_key``, e.g.
+  ``captions/text``) gets image<->caption retrieval only."""
   from fszjax.data import pipeline
 
   dcfg = config.data
@@ -195,8 +277,18 @@ def run_evaluators(config, model, params, tokenizer=None, splits=None, arrays_ca
   for split in splits:
     if split not in cache:
       cache[split] = _remap_to_present(pipeline.load_split_arrays(dcfg, split, max_examples))
-    zs, ret = evaluate_split(encoder, cache[split], templates)
-    out["zeroshot"][split] = zs
-    if ret is not None:
-      out["retrieval"][split] = ret
+    arrays = cache[split]
+    if len(arrays["image"]) == 0:
+      raise EvalDataError(f"eval split {split!r} has no decodable image; choose another "
+                          "config.eval.splits")
+    if arrays.get("class_names"):
+      zs, ret = evaluate_split(encoder, arrays, templates)
+      out["zeroshot"][split] = zs
+      if ret is not None:
+        out["retrieval"][split] = ret
+    elif arrays.get("captions") is not None:
+      out["retrieval"][split] = evaluate_captions(encoder, arrays)
+    else:
+      raise EvalDataError(f"eval split {split!r} has neither labels nor captions; set "
+                          "data.label_key to a ClassLabel feature or data.text_key to a text feature")
   return out

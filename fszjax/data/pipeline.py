@@ -741,7 +741,8 @@ def load_split_arrays(data_cfg, split: str, max_examples: int | None = None, *,
 
   Returns:
     image: float32 (N, H, W, C); label: int32 (N,); text: list of N str (the example's
-    text, or its class name); domain: (N,) int32 domain ids (-1 if none) and font /
+    text, or its class name); captions (only with data.text_key): list of N lists of str,
+    every text of the example (COCO's `captions/text` gives several, in any number); domain: (N,) int32 domain ids (-1 if none) and font /
     domain_name: list of N str when the dataset has them; codepoint, script (Glyphs);
     class_names: list of str in label order (None without labels); num_skipped: int.
     With `max_examples`, a seeded random subset (kept in storage order).
@@ -761,7 +762,7 @@ def load_split_arrays(data_cfg, split: str, max_examples: int | None = None, *,
   if dfeat is not None and hasattr(dfeat, "names"):
     domain_names = list(dfeat.names)
   font_list = opened.glyph_meta["fonts"] if opened.glyph_meta else None
-  images, labels, texts, domains, dnames, cps, scripts = [], [], [], [], [], [], []
+  images, labels, texts, captions, domains, dnames, cps, scripts = [], [], [], [], [], [], [], []
   for i in idx:
     ex = opened.source[int(i)]
     out = proc(ex, None)
@@ -771,7 +772,9 @@ def load_split_arrays(data_cfg, split: str, max_examples: int | None = None, *,
     images.append(out["image"])
     labels.append(label)
     if proc.text_key is not None:
-      texts.append(_text_options(_lookup(ex, proc.text_key))[0])
+      options = _text_options(_lookup(ex, proc.text_key))
+      texts.append(options[0] if options else "")
+      captions.append(options)
     elif opened.class_names is not None and label >= 0:
       texts.append(opened.class_names[label])
     else:
@@ -799,6 +802,8 @@ def load_split_arrays(data_cfg, split: str, max_examples: int | None = None, *,
       "class_names": opened.class_names,
       "num_skipped": counter.count,
   }
+  if proc.text_key is not None:
+    out["captions"] = captions
   if dnames:
     out["domain_name"] = dnames
     if opened.glyph_meta is not None:
