@@ -32,7 +32,10 @@ def get_config(arg=None):
       variant="mu", width=96, depth=3, mlp_dim=384, num_heads=4, patch_size=4,
       image_size=32, channels=1, pool="map", posemb="learn", ln_pre=False,
       final_ln_after_pool=False, patch_bias=True, proj=True, proj_bias=False, act="gelu",
-      ln_eps=1e-6))
+      ln_eps=1e-6,
+      # Convolutional stem (fszjax/models/stem.py): channels of its 3x3 layers, the first
+      # log2(patch_size) strided; () = the plain patch embedding.
+      stem=()))
   c.model.text = ml_collections.ConfigDict(dict(
       variant="mu", width=96, depth=3, mlp_dim=384, num_heads=4, vocab_size=1024, max_len=16,
       pool="eot", causal=True, proj=True, proj_bias=False, act="gelu", ln_eps=1e-6, pad_id=0))
@@ -67,7 +70,11 @@ def get_config(arg=None):
       splits=("test_classes", "test_fonts"), max_examples=0, batch_size=256))  # 0 = all
   c.checkpoint = ml_collections.ConfigDict(dict(
       save_every=250, keep=2, best_metric="zeroshot/test_classes/top1", best_mode="max",
-      async_save=True))
+      async_save=True,
+      # A failed save (disk full, permission, I/O): "stop" (exit 2, one line) or "retry"
+      # at the next save. A logged loss above spike_factor x the recent median (or NaN)
+      # stops the run and sets later checkpoints aside (README "Faults and recovery").
+      on_save_error="stop", spike_factor=10.0))
   c.progress = True
   # Load (part of) another run's params: a workdir or checkpoint, and a regex of param
   # paths ("" = all), e.g. init_keys="^img/" for the image tower.

@@ -2,9 +2,18 @@
 
     fszjax adapt --config configs/glyphs_fewshot.py --workdir runs/glyphs/adapt \
         --config.init_from=runs/glyphs/pretrain
+
+``init_from``: a pretraining workdir, one checkpoint, or a `fszjax convert` directory.
+``data``: the evaluation dataset; unset keys come from the model's config (its pretraining
+dataset). Another dataset: ``--config.data.name=cifar100`` (TFDS),
+``--config.data.name=user_image_folder/NAME`` (after `fszjax prepare folder`), or
+``--config.data.name=glyphs --config.data.data_dir=DIR``; the splits default to the
+dataset's test splits (``--config.fewshot.splits=[...]`` to choose).
 """
 
 import ml_collections
+
+from fszjax.fewshot.adapt import data_overrides
 
 
 def get_config(arg=None):
@@ -12,11 +21,11 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.name = "glyphs_fewshot"
   c.seed = 0
-  c.init_from = ""  # the pretraining workdir (its config.json gives model + data)
-  c.data = ml_collections.ConfigDict({"data_dir": ""})  # overrides the pretrain run's data_dir
+  c.init_from = ""  # workdir / checkpoint / converted dir (its config gives model + data)
+  c.data = data_overrides()  # the evaluation dataset: None = the model's own
   c.fewshot = ml_collections.ConfigDict(dict(
       backbone="towers",
-      splits=["test_classes", "test_scripts", "test_fonts", "test_both"],
+      splits=[],  # [] = the dataset's test splits (Glyphs: test_classes/_scripts/_fonts/_both)
       settings=["5way1shot", "5way5shot", "20way1shot"],
       episodes=600, q_query=5, episode_batch=200,
       max_examples=0,  # 0 = the whole split
@@ -31,7 +40,7 @@ def get_config(arg=None):
       enabled=True, algorithm="anil", adapt="head", train_setting="5way5shot", q_query=5,
       meta_batch=4, steps=100, outer_lr=3e-4, first_order=False, remat=False, task_chunk=0))
   c.log_every = 25
-  c.checkpoint = ml_collections.ConfigDict(dict(save_every=50, keep=2))
+  c.checkpoint = ml_collections.ConfigDict(dict(save_every=50, keep=2, on_save_error="stop"))
   c.fewshot.dg = ml_collections.ConfigDict(dict(
       enabled=True, splits=["test_fonts", "test_both"], settings=["5way1shot", "5way5shot"],
       steps=300, batch_size=256, lr=1e-3, mldg_alpha=0.1, mldg_beta=1.0,

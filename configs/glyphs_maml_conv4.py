@@ -20,7 +20,7 @@ def get_config(arg=None):
   c.data = glyphs_data_config()
   c.data.augment.affine = False
   c.log_every = 25
-  c.checkpoint = ml_collections.ConfigDict(dict(save_every=100, keep=2))
+  c.checkpoint = ml_collections.ConfigDict(dict(save_every=100, keep=2, on_save_error="stop"))
   c.fewshot = ml_collections.ConfigDict(dict(
       backbone="conv4", image_size=28,
       splits=["test_classes", "test_scripts", "test_fonts", "test_both"],

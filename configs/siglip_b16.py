@@ -66,7 +66,8 @@ def get_config(arg=None):
   c.eval_every = 5_000
   c.eval = ml_collections.ConfigDict(dict(splits=("val",), max_examples=10_000, batch_size=1024))
   c.checkpoint = ml_collections.ConfigDict(dict(
-      save_every=1_000, keep=3, best_metric="", best_mode="max", async_save=True))
+      save_every=1_000, keep=3, best_metric="", best_mode="max", async_save=True,
+      on_save_error="stop", spike_factor=10.0))  # README "Faults and recovery"
   c.progress = True
   c.init_from = ""
   c.init_keys = ""

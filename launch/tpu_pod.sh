@@ -30,6 +30,8 @@
 #   TFDS_DATA_DIR     prepared datasets on the workers (gs://BUCKET/tensorflow_datasets or a
 #                     path on the workers' disks)
 #   PYTHON_VERSION    Python of the workers' venv, installed by uv (default 3.12)
+#   UV_VERSION        uv, installed from PyPI with pip by name and pinned version (default 0.13.9);
+#                     nothing is piped from the network into a shell
 #   REMOTE_DIR        where the checkout goes on the workers (default fszjax)
 #   WORKER            workers to run on: all (default) or an index, e.g. 0 for `run prepare`
 #   DETACH            1 = run under nohup, log to ~/fszjax-logs/run.log (see `logs`); default 0
@@ -56,6 +58,7 @@ RUNTIME_VERSION=${RUNTIME_VERSION:-v2-alpha-tpuv5-lite}
 QR_NAME=${QR_NAME:-${TPU_NAME}-qr}
 SPOT=${SPOT:-0}
 PYTHON_VERSION=${PYTHON_VERSION:-3.12}
+UV_VERSION=${UV_VERSION:-0.13.9}
 REMOTE_DIR=${REMOTE_DIR:-fszjax}
 WORKER=${WORKER:-all}
 DETACH=${DETACH:-0}
@@ -142,7 +145,13 @@ if ! command -v gcsfuse >/dev/null; then
   curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee \$key >/dev/null
   sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse
 fi
-if [ ! -x ~/.local/bin/uv ]; then curl -LsSf https://astral.sh/uv/install.sh | sh; fi
+# uv from PyPI by name and pinned version (no remote install script); the Pythons it
+# fetches are checked against the hashes built into that uv release.
+if ! ~/.local/bin/uv --version 2>/dev/null | grep -qx "uv $UV_VERSION.*"; then
+  python3 -m pip --version >/dev/null 2>&1 || sudo apt-get install -y -qq python3-pip
+  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user --disable-pip-version-check \
+    "uv==$UV_VERSION"
+fi
 ~/.local/bin/uv venv -q --allow-existing --python $PYTHON_VERSION ~/fszjax-venv
 ~/.local/bin/uv pip install -q --python ~/fszjax-venv/bin/python -e ~/$REMOTE_DIR"[tpu]"
 ~/fszjax-venv/bin/python -c "import fszjax, jax; print(jax.__version__)"

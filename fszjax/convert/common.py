@@ -59,12 +59,21 @@ def read_safetensors(path: str) -> Flat:
   except (OSError, ValueError) as e:
     raise ConvertError(f"{path} is not a readable safetensors file ({e}); pass the .safetensors "
                        "or .pt/.bin weights open_clip saved") from None
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+  if not isinstance(header, dict):
+    raise ConvertError(f"{path} is not a safetensors file (its header is not a JSON object); "
+                       "pass the .safetensors or .pt/.bin weights open_clip saved")
+  size = os.path.getsize(path) - 8 - n
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 0 else np.zeros(0, np.uint8)
   out = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    dtype = info["dtype"]
+    try:
+      dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+      start, end = (int(x) for x in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+      raise ConvertError(f"{path}: tensor {name} has a malformed header entry ({info!r:.80}); "
+                         "the file is damaged - download or export it again") from None
     if dtype == "BF16":
       import ml_dtypes  # noqa: PLC0415  (a JAX dependency)
 
@@ -74,8 +83,16 @@ def read_safetensors(path: str) -> Flat:
     else:
       raise ConvertError(f"{path}: tensor {name} has dtype {dtype}, which fszjax cannot read; "
                          "re-save the weights in float32/float16/bfloat16")
-    start, end = info["data_offsets"]
-    out[name] = data[start:end].view(np_dtype).reshape(info["shape"])
+    need = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+    if end > size:
+      raise ConvertError(f"{path}: tensor {name} (shape {shape}, {dtype}) needs bytes {start}..{end} "
+                         f"but the data ends at {size}; the file is truncated - download or export "
+                         "it again")
+    if end - start != need:
+      raise ConvertError(f"{path}: tensor {name} should hold shape {shape} ({dtype}, {need} bytes) "
+                         f"but its data is {end - start} bytes; the file is damaged - download or "
+                         "export it again")
+    out[name] = data[start:end].view(np_dtype).reshape(shape)
   return out
 
 
@@ -146,17 +163,49 @@ def read_weights(path: str) -> Flat:
   return read_torch(path)
 
 
-def read_npz(path: str) -> Flat:
-  """An .npz archive as ``{name: array}`` (``allow_pickle=False``: object arrays refused)."""
+def _npz_member_shape(z, key: str) -> str:
+  """The shape and dtype an .npz member's header promises ("" if unreadable)."""
   try:
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
-  except ValueError as e:
-    raise ConvertError(f"refusing to read {path}: {str(e).splitlines()[0][:160]}; save the "
-                       "params with numeric arrays only (np.savez)") from None
-  except (OSError, EOFError) as e:
-    raise ConvertError(f"{path} is not a readable .npz ({e}); pass the big_vision checkpoint "
-                       ".npz") from None
+    with z.zip.open(key + ".npy") as f:
+      version = np.lib.format.read_magic(f)
+      shape, _, dtype = np.lib.format._read_array_header(f, version)  # pylint: disable=protected-access
+    return f"shape {tuple(shape)} {dtype}"
+  except Exception:  # pylint: disable=broad-except
+    return ""
+
+
+def read_npz(path: str) -> Flat:
+  """An .npz archive as ``{name: array}`` (``allow_pickle=False``: object arrays refused).
+
+  A truncated or damaged archive is a one-line `ConvertError` naming the tensor and the
+  shape its header promises."""
+  import zipfile  # noqa: PLC0415
+  import zlib  # noqa: PLC0415
+
+  try:
+    z = np.load(path, allow_pickle=False)
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+    raise ConvertError(f"{path} is not a readable .npz ({str(e).splitlines()[0][:120]}); the file "
+                       "is truncated or not an .npz - pass the big_vision checkpoint .npz") from None
+  if not isinstance(z, np.lib.npyio.NpzFile):
+    return {"arr_0": z}  # a single .npy array
+  out = {}
+  with z:
+    for k in z.files:
+      try:
+        out[k] = z[k]
+      except ValueError as e:
+        if "allow_pickle" in str(e) or "Object arrays" in str(e):
+          raise ConvertError(f"refusing to read {path}: tensor {k}: {str(e).splitlines()[0][:160]}; "
+                             "save the params with numeric arrays only (np.savez)") from None
+        raise ConvertError(f"{path}: tensor {k} ({_npz_member_shape(z, k) or 'unknown shape'}) "
+                           f"cannot be read ({str(e).splitlines()[0][:100]}); the file is truncated "
+                           "or damaged - download or export it again") from None
+      except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise ConvertError(f"{path}: tensor {k} ({_npz_member_shape(z, k) or 'unknown shape'}) "
+                           f"cannot be read ({str(e).splitlines()[0][:100]}); the file is truncated "
+                           "or damaged - download or export it again") from None
+  return out
 
 
 # ----------------------------------------------------------------------------- trees
@@ -287,7 +336,8 @@ def base_config():
     cfg.log_every, cfg.eval_every = 20, 250
     cfg.eval = ml_collections.ConfigDict(dict(splits=(), max_examples=2000, batch_size=256))
     cfg.checkpoint = ml_collections.ConfigDict(dict(
-        save_every=250, keep=2, best_metric="", best_mode="max", async_save=True))
+        save_every=250, keep=2, best_metric="", best_mode="max", async_save=True,
+        on_save_error="stop", spike_factor=10.0))
     cfg.progress, cfg.init_from, cfg.init_keys = True, "", ""
   # Fine-tuning defaults for a pretrained model (the glyphs values suit training from scratch).
   cfg.optim.lr, cfg.optim.b2, cfg.optim.eps = 1e-5, 0.98, 1e-6
@@ -365,7 +415,7 @@ def save_converted(out_dir: str, config, flat_params: Flat,
       writer(path)
     mesh = sharding.make_mesh(1, 1, 1, devices=[_host_device()])
     rules = sharding.rules_from_config(config)
-    abstract = pretrain.state_shardings(config, mesh, rules)
+    abstract = pretrain.abstract_train_state(config, mesh, rules)
     targets = flatten(abstract.params)
     if set(targets) != set(flat_params):
       missing = sorted(set(targets) ^ set(flat_params))[0]

@@ -111,28 +111,84 @@ def scan_image_folder(root: str, layout: str = "auto") -> dict[str, list[tuple[s
   return out
 
 
+IMAGE_COLUMNS = ("image", "image_path", "path", "file", "filename", "file_name", "filepath", "img")
+CAPTION_COLUMNS = ("caption", "captions", "text", "title", "description", "label")
+
+
+def _decode_manifest(path: str) -> str:
+  """The manifest's text; a one-line error naming the first line that is not UTF-8."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    return raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = raw[:e.start].count(b"\n") + 1
+    col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+    raise UserDataError(f"manifest {path}: line {line} is not UTF-8 (byte 0x{raw[e.start]:02x} at "
+                        f"column {col}); re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+                        ) from None
+
+
 def read_manifest(path: str) -> dict[str, list[tuple[str, list[str]]]]:
-  """split -> [(image path, [captions])] of a TSV/CSV manifest (rows of one image grouped)."""
+  """split -> [(image path, [captions])] of a TSV/CSV manifest (rows of one image grouped).
+
+  Rows are ``image_path, caption[, split]``, optionally under a header row naming those
+  columns (``image_path``/``image``/``path``/``file`` ..., ``caption``/``text`` ...).
+  A first row that is neither a known header nor an image row, a line that is not
+  UTF-8, a row with one column, or a manifest whose images all are missing is a one-line
+  `UserDataError`; rows with an empty caption are skipped with one warning and a count.
+  """
   if not os.path.isfile(path):
     raise UserDataError(f"manifest {path!r} not found; pass a .tsv/.csv file of image_path, caption rows")
-  with open(path, newline="", encoding="utf-8") as f:
-    text = f.read()
-  delimiter = "\t" if path.lower().endswith(".tsv") or "\t" in text.split("\n", 1)[0] else ","
-  rows = [r for r in csv.reader(text.splitlines(), delimiter=delimiter) if r and any(c.strip() for c in r)]
+  text = _decode_manifest(path)
+  first = text.split("\n", 1)[0]
+  delimiter = "\t" if path.lower().endswith(".tsv") or "\t" in first else ","
+  reader = csv.reader(text.splitlines(), delimiter=delimiter)
+  rows = []
+  for r in reader:
+    if r and any(c.strip() for c in r):
+      rows.append((reader.line_num, r))
   base = os.path.dirname(os.path.abspath(path))
-  if rows and rows[0][0].strip().lower() in ("image", "image_path", "path", "file", "filename", "file_name"):
-    rows = rows[1:]
+  need = "image_path<TAB>caption[<TAB>split] (a header row is optional)"
+  if rows:
+    line, head = rows[0]
+    cells = [c.strip().lower() for c in head]
+    if cells[0] in IMAGE_COLUMNS:
+      if len(cells) < 2 or cells[1] not in CAPTION_COLUMNS:
+        raise UserDataError(
+            f"manifest {path}: header {head} has no caption column after {head[0]!r}; name the "
+            f"columns {need}, e.g. image_path, caption")
+      rows = rows[1:]
+    elif not _is_image(cells[0]) and not os.path.exists(
+        cells[0] if os.path.isabs(head[0].strip()) else os.path.join(base, head[0].strip())):
+      raise UserDataError(
+          f"manifest {path}: line {line} {head} is neither a header with the required columns "
+          f"(image_path, caption) nor an image row; rows must be {need}")
   grouped: dict[str, dict[str, list[str]]] = {}
-  for i, r in enumerate(rows):
+  empty, first_empty = 0, 0
+  for line, r in rows:
     if len(r) < 2:
-      raise UserDataError(f"{path}: row {i + 1} has {len(r)} column(s); each row needs "
+      raise UserDataError(f"{path}: line {line} has {len(r)} column(s); each row needs "
                           "image_path and caption")
     img = r[0].strip()
     img = img if os.path.isabs(img) else os.path.join(base, img)
+    if not r[1].strip():
+      empty += 1
+      first_empty = first_empty or line
+      continue
     split = r[2].strip() if len(r) > 2 and r[2].strip() else "train"
     grouped.setdefault(split, {}).setdefault(img, []).append(r[1].strip())
+  if empty:
+    log.warning("manifest %s: %d row(s) with an empty caption skipped (first: line %d)", path,
+                empty, first_empty)
   if not grouped:
-    raise UserDataError(f"manifest {path!r} has no rows; add image_path<TAB>caption lines")
+    raise UserDataError(f"manifest {path!r} has no rows with a caption; add image_path<TAB>caption "
+                        "lines")
+  images = [img for d in grouped.values() for img in d]
+  if not any(os.path.isfile(img) for img in images):
+    raise UserDataError(f"manifest {path}: none of its {len(images)} image(s) exist (first: "
+                        f"{images[0]}); relative paths are resolved against the manifest's "
+                        "directory")
   return {s: sorted(d.items()) for s, d in sorted(grouped.items())}
 
 

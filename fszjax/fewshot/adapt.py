@@ -178,22 +178,93 @@ class SplitData:
 
 
 def _load_towers(config):
-  from fszjax import checkpoint, config as config_lib
+  """(model config, base dir, module, params) of ``config.init_from``: a pretraining
+  workdir, a checkpoints directory, one checkpoint step directory, or a directory written
+  by `fszjax convert` (open_clip / big_vision)."""
+  from fszjax import checkpoint, inference
   from fszjax.models.two_tower import build_model
 
   src = config.init_from
   if not src:
-    raise AdaptError("config.init_from is empty; pass --config.init_from=<pretraining workdir "
-                     "or converted model>")
-  if not os.path.exists(os.path.expanduser(src)):
+    raise AdaptError("config.init_from is empty; pass --config.init_from=<pretraining workdir, "
+                     "checkpoint or converted model>")
+  src = os.path.abspath(os.path.expanduser(src))
+  if not os.path.exists(src):
     raise AdaptError(f"config.init_from={src} does not exist; run `fszjax pretrain` first or "
-                     "pass a converted model directory")
-  cfg_path = os.path.join(src, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise AdaptError(f"{src} has no config.json; pass a fszjax workdir or converted directory")
-  pre = config_lib.load_config(cfg_path)
+                     "pass a checkpoint or converted model directory")
+  try:
+    pre, base_dir = inference.load_config(src)
+  except inference.LoadError as e:
+    raise AdaptError(f"config.init_from: {e}") from None
+  if "model" not in pre or "data" not in pre:
+    raise AdaptError(f"{base_dir} holds no model config (config.json with model and data "
+                     "sections); pass a fszjax workdir, checkpoint or converted directory")
   params = checkpoint.load_params_numpy(src)
-  return pre, build_model(pre.model), jax.tree.map(jnp.asarray, params)
+  return pre, base_dir, build_model(pre.model), jax.tree.map(jnp.asarray, params)
+
+
+# Keys of ``config.data`` in an adapt config: the evaluation dataset. None = the model's
+# own (its pretraining dataset); a new ``name`` starts from that kind of dataset's defaults
+# (`fszjax.data.defaults`). The model's preprocessing (image size, channels, mean / std,
+# text length) and tokenizer always come from the model.
+DATASET_KEYS = ("name", "data_dir", "train_split", "eval_splits", "image_key", "label_key",
+                "text_key", "domain_key", "class_names_file", "image_decoder",
+                "prompt_templates", "num_threads")
+GLYPH_KEYS = ("image_size", "font_dirs", "max_chars")
+GLYPH_TEST_SPLITS = ("test_classes", "test_scripts", "test_fonts", "test_both")
+
+
+def data_overrides():
+  """The ``data`` section of an adapt config: every dataset key unset (None)."""
+  import ml_collections
+
+  d = ml_collections.ConfigDict({k: None for k in DATASET_KEYS})
+  d.glyphs = ml_collections.ConfigDict({k: None for k in GLYPH_KEYS})
+  return d
+
+
+def _is_glyphs(name: str) -> bool:
+  base = str(name).split(":")[0]
+  return base == "glyphs" or base.startswith("glyphs/")
+
+
+def eval_data_config(model_data, overrides):
+  """The data config `fszjax adapt` evaluates on: the model's data section (preprocessing,
+  tokenizer, and by default its dataset) with the adapt config's dataset keys applied."""
+  from fszjax.data import defaults, glyphs as glyphs_lib
+
+  d = model_data.copy_and_resolve_references()
+  over = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides or {})
+  name = over.get("name")
+  with d.ignore_type():
+    if name and name != d.get("name"):
+      fresh = (defaults.glyphs_data_config() if _is_glyphs(name)
+               else defaults.tfds_data_config(str(name)))
+      for k in DATASET_KEYS + ("glyphs",):
+        d[k] = fresh[k]
+      if _is_glyphs(name):
+        d.glyphs.image_size = glyphs_lib.DEFAULT_IMAGE_SIZE  # resized to the model's size
+      d.mixture = ()
+    for k in DATASET_KEYS:
+      if over.get(k) is not None:
+        d[k] = over[k]
+    for k, v in (over.get("glyphs") or {}).items():
+      if v is not None:
+        if "glyphs" not in d:
+          d.glyphs = data_overrides().glyphs
+        d.glyphs[k] = v
+  return d
+
+
+def eval_splits(fcfg, data_cfg) -> list:
+  """``fewshot.splits``, or when empty the dataset's test splits: Glyphs' four test splits,
+  else ``data.eval_splits``."""
+  splits = list(fcfg.get("splits", None) or ())
+  if splits:
+    return splits
+  if _is_glyphs(data_cfg.name) and not data_cfg.get("mixture", ()):
+    return list(GLYPH_TEST_SPLITS)
+  return list(data_cfg.eval_splits)
 
 
 def _image_feats(encoder, images) -> np.ndarray:
@@ -343,37 +414,49 @@ def run_towers(config, workdir) -> dict:
   from fszjax.data import pipeline
   from fszjax.models.two_tower import TwoTower
 
+  from fszjax import inference
+
   fcfg = config.fewshot
-  pre, model, params = _load_towers(config)
-  data_cfg = pre.data
-  if config.data.get("data_dir", None):
-    data_cfg.data_dir = config.data.data_dir
-  tokenizer = pipeline.get_tokenizer(data_cfg)
+  pre, base_dir, model, params = _load_towers(config)
+  data_cfg = eval_data_config(pre.data, config.get("data", None) or {})
+  tokenizer = inference.model_tokenizer(pre, base_dir)  # the model's own, never the data's
   encoder = evaluate.Encoder(model, params, tokenizer, max_len=pre.model.text.max_len)
+  splits = eval_splits(fcfg, data_cfg)
+  log.info("evaluating %s (%s) on %s splits %s", base_dir, type(tokenizer).__name__,
+           data_cfg.name, ", ".join(splits))
   t, b = model.apply({"params": params}, method=TwoTower.scale_and_bias)
   scale = float(jnp.exp(t))
   bias = float(b) if b is not None else 0.0
   templates = list(pipeline.prompt_templates(data_cfg))
   meta_on = bool(fcfg.get("meta", {}) and fcfg.meta.get("enabled", False))
   data = {}
-  for split in fcfg.splits:
-    data[split] = _split_data(encoder, data_cfg, split, templates,
-                              fcfg.get("max_examples", 0) or None, keep_images=meta_on)
+  for split in splits:
+    try:
+      data[split] = _split_data(encoder, data_cfg, split, templates,
+                                fcfg.get("max_examples", 0) or None, keep_images=meta_on)
+    except pipeline.DataError as e:
+      raise AdaptError(f"{e} (evaluation data of `fszjax adapt`: choose it with "
+                       "--config.data.name=..., --config.data.data_dir=... and "
+                       "--config.fewshot.splits=[...])") from None
     log.info("features of %s: %d images, %d classes", split, len(data[split].labels),
              len(data[split].class_names))
   samplers: dict = {}
   results = {"methods": _few_shot_table(data, fcfg, scale, bias, config.seed, samplers=samplers),
              "zeroshot_top1": {sp: _zeroshot_top1(d.feats, d, scale) for sp, d in data.items()}}
   train = None
-  if fcfg.dg.enabled or meta_on:  # loaded once for both
-    train = _split_data(encoder, data_cfg, pre.data.train_split, templates,
+  dg_on = bool(fcfg.dg.enabled) and any(sp in data for sp in fcfg.dg.splits)
+  if fcfg.dg.enabled and not dg_on:
+    log.info("domain generalisation skipped: none of config.fewshot.dg.splits=%s is evaluated",
+             list(fcfg.dg.splits))
+  if dg_on or meta_on:  # loaded once for both
+    train = _split_data(encoder, data_cfg, data_cfg.train_split, templates,
                         fcfg.get("max_train_examples", 0) or None, keep_images=meta_on)
   if meta_on:
     meta = _meta_towers(config, workdir, pre.model, model, params, encoder, train, data, scale,
                         bias, samplers)
     results["methods"].update(meta.pop("methods"))
     results.update(meta)
-  if fcfg.dg.enabled:
+  if dg_on:
     evals = {sp: data[sp] for sp in fcfg.dg.splits if sp in data}
     results["dg"] = _dg(config, train, evals, scale, bias, fcfg)
   return results
@@ -520,7 +603,8 @@ def meta_train(config, ckpt_dir: str, features_fn, mcfg: meta_lib.MetaConfig, me
                 int(m.meta_batch), ndev)
   step_fn = meta_lib.make_meta_step(features_fn, mcfg, opt, mesh=mesh, donate=False)
   ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=int(config.checkpoint.save_every),
-                                 keep=int(config.checkpoint.keep), async_save=False)
+                                 keep=int(config.checkpoint.keep), async_save=False,
+                                 on_save_error=config.checkpoint.get("on_save_error", "stop"))
   state = {"step": jnp.zeros((), jnp.int32), "params": meta_params, "opt_state": opt_state}
   start = 0
   if ckpt.all_steps():
