@@ -119,6 +119,7 @@ def load_config(spec: str, overrides: Iterable[str | tuple[str, str]] = ()) -> m
       raise ConfigError(f"config {spec!r} not found")
     with open(spec) as f:
       cfg = ml_collections.ConfigDict(json.load(f))
+    resolve_paths(cfg, os.path.dirname(os.path.abspath(spec)))
   else:
     cfg = load_config_file(spec)
   pairs = []
@@ -163,6 +164,79 @@ def validate(cfg) -> None:
                       f"config.grad_accum={accum}")
 
 
+# Config keys holding file-system paths. In a saved config.json a path inside the
+# config's own directory is stored relative to it (the tokenizer copied into a workdir),
+# any other path absolute; `load_config` resolves relative paths against the directory of
+# the config.json, so a workdir works from any current directory and after being copied.
+PATH_KEYS = ("init_from", "data.data_dir", "data.tokenizer.path", "data.tokenizer.cache_dir",
+             "data.class_names_file")
+
+
+def _get_path(node, dotted: str):
+  for part in dotted.split("."):
+    if not hasattr(node, "get") or part not in node:
+      return None, None
+    parent, node = node, node[part]
+  return parent, node
+
+
+def _path_nodes(d):
+  """(parent, key, value) of every path-valued key of config dict `d` (mixture entries too)."""
+  out = []
+  for dotted in PATH_KEYS:
+    parent, value = _get_path(d, dotted)
+    if isinstance(value, str) and value:
+      out.append((parent, dotted.rsplit(".", 1)[-1], value))
+  data = d.get("data", None) if hasattr(d, "get") else None
+  for comp in (data.get("mixture", None) or ()) if hasattr(data, "get") else ():
+    for key in ("data_dir", "class_names_file"):
+      if hasattr(comp, "get") and isinstance(comp.get(key, None), str) and comp[key]:
+        out.append((comp, key, comp[key]))
+  return out
+
+
+def portable_dict(cfg, config_dir: str) -> dict:
+  """The config as a JSON dict with its paths (`PATH_KEYS`) absolute, or relative to
+  `config_dir` when they lie inside it."""
+  d = json.loads(cfg.to_json_best_effort()) if hasattr(cfg, "to_json_best_effort") else dict(cfg)
+  root = os.path.abspath(config_dir)
+  for parent, key, value in _path_nodes(d):
+    absolute = os.path.abspath(os.path.expanduser(value))
+    inside = os.path.commonpath([root, absolute]) == root
+    parent[key] = os.path.relpath(absolute, root) if inside else absolute
+  return d
+
+
+def resolve_paths(cfg, base_dir: str) -> None:
+  """Makes the relative paths of a loaded config absolute, in place: relative to `base_dir`
+  (the directory of its config.json). Configs saved before paths were stored this way hold
+  paths relative to the directory they were run from: when only that reading exists, it
+  is kept. An absolute tokenizer path that no longer exists (a copied converted directory)
+  falls back to ``base_dir/tokenizer/<its file name>``."""
+  base_dir = os.path.abspath(base_dir)
+  for parent, key, value in _path_nodes(cfg):
+    value = os.path.expanduser(value)
+    if os.path.isabs(value):
+      if key == "path" and not os.path.exists(value):
+        moved = os.path.join(base_dir, "tokenizer", os.path.basename(value))
+        if os.path.exists(moved):
+          parent[key] = moved
+      continue
+    here = os.path.join(base_dir, value)
+    if not os.path.exists(here) and os.path.exists(value):
+      here = os.path.abspath(value)  # an older config.json: relative to where it was run
+    with parent.ignore_type() if hasattr(parent, "ignore_type") else _nullcontext():
+      parent[key] = here
+
+
+def _nullcontext():
+  import contextlib  # noqa: PLC0415
+
+  return contextlib.nullcontext()
+
+
 def save_config(cfg, path: str) -> None:
+  """Writes `cfg` as JSON to `path` with portable paths (see `portable_dict`)."""
+  d = portable_dict(cfg, os.path.dirname(os.path.abspath(path)))
   with open(path, "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    json.dump(d, f, indent=2, sort_keys=True)

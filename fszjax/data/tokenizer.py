@@ -177,3 +177,49 @@ def load_tokenizer(path: str) -> Tokenizer:
   except Exception as e:  # noqa: BLE001
     raise TokenizerError(f"{path!r} is not a SentencePiece model ({e}); point data.tokenizer.path "
                          "at a .model file") from None
+
+
+WORKDIR_SUBDIR = "tokenizer"
+
+
+def copy_to_workdir(tok, workdir: str) -> str:
+  """Writes the file of tokenizer `tok` (any tokenizer with ``save(path)``: SentencePiece,
+  CLIP BPE, big_vision) into ``workdir/tokenizer/`` so that the workdir carries what it
+  needs to encode text. Returns the absolute path of the copy.
+
+  The file keeps its name (``spm.model`` for a tokenizer never saved). An existing copy
+  with other contents is an error: the run in that workdir was trained with another
+  tokenizer."""
+  src = getattr(tok, "path", None)
+  name = os.path.basename(src) if src else ("spm.model" if isinstance(tok, Tokenizer) else "tokenizer.model")
+  dst = os.path.join(os.path.abspath(workdir), WORKDIR_SUBDIR, name)
+  if os.path.exists(dst):
+    new = _bytes_of(tok)
+    with open(dst, "rb") as f:
+      old = f.read()
+    if new is not None and old != new:
+      raise TokenizerError(
+          f"{dst} (the tokenizer this workdir was trained with) differs from the tokenizer of "
+          f"config.data ({src or 'trained from the data'}); resume with the original data config "
+          "or pass a new --workdir")
+    return dst
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  if src and os.path.isfile(src):
+    with open(src, "rb") as f:
+      _atomic_write(dst, f.read())
+  else:
+    saved_path = getattr(tok, "path", None)
+    tok.save(dst)
+    if hasattr(tok, "path"):
+      tok.path = saved_path  # `save` repoints the object; the caller's tokenizer is unchanged
+  return dst
+
+
+def _bytes_of(tok) -> bytes | None:
+  if hasattr(tok, "model_proto"):
+    return bytes(tok.model_proto)
+  src = getattr(tok, "path", None)
+  if src and os.path.isfile(src):
+    with open(src, "rb") as f:
+      return f.read()
+  return None
