@@ -4,15 +4,22 @@
 #   2. prepare Glyphs (once)              5. Conv-4 MAML from scratch (reference)
 #   3. pretrain + zero-shot evaluation    6. runs/<name>/report.md with figures
 # Rerunning reuses what is prepared or trained and resumes interrupted stages (Ctrl-C
-# saves a checkpoint first); --fresh starts over. Environment: FSZJAX_VENV (.venv),
+# saves a checkpoint first); --fresh starts over; --readme also writes the run's results
+# table into README.md (off by default: a user's run leaves the README alone). The install
+# output goes to $VENV/install.log, not to the terminal. Environment: FSZJAX_VENV (.venv),
 # FSZJAX_RUN (runs/glyphs), FSZJAX_DATA (runs/data), PYTHON (python3). Extra arguments go
 # to every fszjax call (e.g. --cpu_devices 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FRESH=0
+README=0
 EXTRA=()
 for a in "$@"; do
-  if [[ "$a" == "--fresh" ]]; then FRESH=1; else EXTRA+=("$a"); fi
+  case "$a" in
+    --fresh) FRESH=1 ;;
+    --readme) README=1 ;;
+    *) EXTRA+=("$a") ;;
+  esac
 done
 VENV=${FSZJAX_VENV:-.venv}
 RUN=${FSZJAX_RUN:-runs/glyphs}
@@ -21,9 +28,16 @@ PY=${PYTHON:-python3}
 stamp="$VENV/.fszjax-installed"
 if [[ ! -x "$VENV/bin/python" ]]; then "$PY" -m venv "$VENV"; fi
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e .
+  echo "== 0/5 install fszjax into $VENV (pip output: $VENV/install.log)"
+  t=$(date +%s)
+  if ! { "$VENV/bin/python" -m pip install --upgrade pip &&
+         "$VENV/bin/python" -m pip install --progress-bar off -e .; } >"$VENV/install.log" 2>&1; then
+    tail -n 20 "$VENV/install.log" >&2
+    echo "install failed; the whole pip output is in $VENV/install.log" >&2
+    exit 1
+  fi
   touch "$stamp"
+  echo "   installed in $(( $(date +%s) - t )) s"
 fi
 export TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
 FSZ=("$VENV/bin/fszjax" "${EXTRA[@]+"${EXTRA[@]}"}")
@@ -70,9 +84,14 @@ elif [[ -f configs/glyphs_maml_conv4.py ]]; then
     --workdir "$RUN/maml_conv4" --config.data.data_dir="$DATA"
 fi
 
-echo "== 5/5 report -> $RUN/report.md (+ the results table in README.md)"
-"$VENV/bin/python" -m fszjax.report --run "$RUN" --wall_time_s $(( $(date +%s) - start )) \
-  --readme README.md
+REPORT=("$VENV/bin/python" -m fszjax.report --run "$RUN" --wall_time_s $(( $(date +%s) - start )))
+if [[ $README == 1 ]]; then
+  echo "== 5/5 report -> $RUN/report.md (+ the results table in README.md: --readme)"
+  REPORT+=(--readme README.md)
+else
+  echo "== 5/5 report -> $RUN/report.md (README.md untouched; --readme writes its table)"
+fi
+"${REPORT[@]}"
 echo
 cat "$RUN/results_table.md" 2>/dev/null || true
 echo

@@ -1,6 +1,7 @@
 """`fszjax prepare ...`: build datasets into a TFDS data_dir (ArrayRecord, read by grain).
 
-  fszjax prepare glyphs [--data_dir D] [--font_dir DIR ...] [--image_size N] [--max_chars N]
+  fszjax prepare glyphs [--data_dir D] [--font_dir DIR ...] [--heldout_font_dir DIR ...]
+                        [--heldout_fonts PATTERN ...] [--image_size N] [--max_chars N]
   fszjax prepare tfds NAME [--manual_dir M] [--data_dir D]
   fszjax prepare folder ROOT --name NAME [--data_dir D] [--layout auto|classes|domains]
   fszjax prepare captions MANIFEST --name NAME [--data_dir D]
@@ -29,7 +30,13 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
 
   g = ps.add_parser("glyphs", help="render the embedded Glyphs dataset from fonts")
   g.add_argument("--data_dir", **dd)
-  g.add_argument("--font_dir", action="append", default=[], help="extra font directory (repeatable)")
+  g.add_argument("--font_dir", action="append", default=[],
+                 help="extra font directory (repeatable); its fonts are training fonts unless held out")
+  g.add_argument("--heldout_font_dir", action="append", default=[],
+                 help="extra font directory whose fonts are all held out as test domains (repeatable)")
+  g.add_argument("--heldout_fonts", action="append", default=[], metavar="PATTERN",
+                 help="also hold out fonts whose name or family matches this fnmatch pattern, or "
+                 "every font under this directory (repeatable; STIX* and cm* are always held out)")
   g.add_argument("--image_size", type=int, default=32, help="image side in pixels (default 32)")
   g.add_argument("--max_chars", type=int, default=None, help="keep at most N characters (quick builds)")
 
@@ -51,6 +58,25 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
 
   p.set_defaults(func=run_prepare)
   return p
+
+
+# matplotlib's fonts that every default build excludes (not worth a line each).
+_KNOWN_EXCLUDED = ("LastResortHE-Regular", "cmb10", "cmex10", "cmmi10", "cmr10", "cmss10",
+                   "cmsy10", "cmti10", "cmtt10")
+
+
+def glyphs_options(args):
+  """The `GlyphsOptions` of `fszjax prepare glyphs` flags."""
+  from fszjax.data import glyphs  # noqa: PLC0415
+
+  held = tuple(glyphs.DEFAULT_HELD_OUT_FONTS) + tuple(args.heldout_fonts) + tuple(
+      os.path.abspath(d) for d in args.heldout_font_dir)
+  for d in args.heldout_font_dir:
+    if not os.path.isdir(d):
+      raise FileNotFoundError(f"--heldout_font_dir {d!r} does not exist; pass an existing directory")
+  return glyphs.GlyphsOptions(image_size=args.image_size,
+                              font_dirs=tuple(args.font_dir) + tuple(args.heldout_font_dir),
+                              max_chars=args.max_chars, held_out_fonts=held)
 
 
 def _prepare_tfds(name: str, data_dir: str | None, manual_dir: str | None) -> str:
@@ -78,8 +104,7 @@ def run_prepare(args, overrides: Sequence = ()) -> int:
   if args.what == "glyphs":
     from fszjax.data import glyphs  # noqa: PLC0415
 
-    options = glyphs.GlyphsOptions(image_size=args.image_size, font_dirs=tuple(args.font_dir),
-                                   max_chars=args.max_chars)
+    options = glyphs_options(args)
     was = glyphs.is_prepared(options, args.data_dir)
     path = glyphs.prepare(options, args.data_dir)
     meta = glyphs.read_metadata(path)
@@ -87,9 +112,19 @@ def run_prepare(args, overrides: Sequence = ()) -> int:
     print(f"{'split':14s} {'examples':>9s} {'classes':>8s} {'fonts':>6s}")
     for split, s in meta["splits"].items():
       print(f"{split:14s} {s['num_examples']:9d} {s['num_classes']:8d} {len(s['fonts']):6d}")
+    print(f"held-out fonts (test domains): {', '.join(meta['held_out_fonts']) or 'none'}")
+    if meta.get("added_fonts"):
+      print(f"added fonts: {', '.join(meta['added_fonts'])}")
+    for font, why in meta["excluded_fonts"].items():
+      if font not in _KNOWN_EXCLUDED:
+        print(f"excluded font {font}: {why}")
     name = f"glyphs/{glyphs.config_name(options)}"
     data_dir = glyphs.default_data_dir(args.data_dir)
     print(f"read it with --config.data.name={name} --config.data.data_dir={data_dir}")
+    if options != glyphs.GlyphsOptions(image_size=options.image_size, max_chars=options.max_chars):
+      print("a model pretrained on another build keeps its own tokenizer (in its workdir): "
+            "evaluate it here with `fszjax adapt --config.init_from=WORKDIR "
+            f"--config.data.name={name} --config.data.data_dir={data_dir}`")
   elif args.what == "tfds":
     path = _prepare_tfds(args.name, args.data_dir, args.manual_dir)
     print(f"{args.name} prepared in {path} ({time.time() - start:.1f} s)")

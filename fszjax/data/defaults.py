@@ -71,6 +71,9 @@ def glyphs_data_config() -> ml_collections.ConfigDict:
       "image_size": ml_collections.FieldReference(None, field_type=int),  # None = image_size
       "font_dirs": (),
       "max_chars": ml_collections.FieldReference(None, field_type=int),
+      # Fonts held out as test domains besides STIX* and cm*: name / family patterns or
+      # directories (`fszjax prepare glyphs --heldout_fonts` / `--heldout_font_dir`).
+      "held_out_fonts": (),
   })
   c.train_split = "train"
   c.eval_splits = GLYPH_EVAL_SPLITS

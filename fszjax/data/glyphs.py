@@ -24,6 +24,20 @@ Splits (characters are classes, fonts are domains):
   test_fonts    train characters in held-out fonts (domain shift)
   test_both     held-out characters in held-out fonts
 
+Stable character split: a character's split (train / test_classes / test_scripts) depends
+on the character only, never on the fonts added. Characters that matplotlib's fonts cover
+keep the split the default build gives them (computed from matplotlib's fonts alone, with
+the default held-out fonts); characters only the added fonts cover go to test_scripts by
+script, else to test_classes by a hash of their code point (when every word of their name
+is a train word), else to train. The default build is unchanged by this rule. Adding fonts
+or holding out other fonts therefore never turns a held-out character of an existing
+model into a training class: it adds examples (and new characters) only.
+
+Held-out fonts (`held_out_fonts`): fnmatch patterns of font names (file stems, e.g.
+"STIX*"), of family names (from the font's name table, e.g. "Roboto Slab"), or
+directories (every font under one, e.g. a whole `--font_dir`). Held-out fonts give only
+test_fonts / test_both examples.
+
 Labels: train, val and test_fonts share the train label space; every other split has its
 own (0..K-1, codepoint order). `metadata.json` in the dataset directory holds, per split,
 the class names in label order (see `read_metadata`).
@@ -41,12 +55,19 @@ import io
 import json
 import logging
 import os
+import time
 import unicodedata
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from fszjax.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+class GlyphsError(UserError):
+  """A Glyphs build cannot be made as asked; the message names the fix."""
 
 VERSION = "1.0.0"
 _VERSION = VERSION
@@ -302,8 +323,8 @@ class GlyphsOptions:
   font_dirs: extra directories of .ttf/.otf fonts; each font is a new domain (source
     domain unless its name matches `held_out_fonts`).
   max_chars: keep at most this many characters (stratified by script) for fast tests.
-  held_out_fonts: fnmatch patterns of font names kept out of training (test_fonts /
-    test_both).
+  held_out_fonts: fonts kept out of training (test_fonts / test_both): fnmatch patterns
+    of font names or family names, or directories (every font under one).
   test_scripts: scripts held out entirely (test_scripts split).
   min_fonts: a character needs a valid rendering in at least this many fonts.
   test_class_fraction: fraction of background characters held out as test_classes.
@@ -327,7 +348,8 @@ class GlyphsOptions:
     if self.max_chars is not None and int(self.max_chars) < 20:
       raise ValueError(f"glyphs max_chars={self.max_chars} is too small; use >= 20 or None (all)")
     object.__setattr__(self, "font_dirs", tuple(os.path.abspath(d) for d in self.font_dirs))
-    object.__setattr__(self, "held_out_fonts", tuple(self.held_out_fonts))
+    object.__setattr__(self, "held_out_fonts", tuple(dict.fromkeys(
+        os.path.abspath(h) if os.path.isdir(h) else str(h) for h in self.held_out_fonts)))
     object.__setattr__(self, "test_scripts", tuple(s.lower() for s in self.test_scripts))
 
 
@@ -400,15 +422,168 @@ class GlyphsPlan:
   metadata: dict[str, Any]
 
 
+def read_family(path: str) -> str:
+  """The font's family name (name table: typographic family, else family), or ""."""
+  from fontTools.ttLib import TTFont  # noqa: PLC0415
+
+  try:
+    with TTFont(path, lazy=True, fontNumber=0) as font:
+      table = font["name"]
+      for name_id in (16, 1):
+        rec = table.getDebugName(name_id)
+        if rec:
+          return str(rec)
+  except Exception:  # noqa: BLE001  (an unreadable name table: no family)
+    pass
+  return ""
+
+
+def held_out_matcher(patterns: Sequence[str]):
+  """``match(FontFile) -> bool`` for `held_out_fonts` entries: a directory holds out every
+  font under it; any other entry is an fnmatch pattern of the font's name or family."""
+  dirs = [os.path.join(os.path.abspath(p), "") for p in patterns if os.path.isdir(p)]
+  globs = [p for p in patterns if not os.path.isdir(p)]
+  families: dict[str, str] = {}
+
+  def match(f: FontFile) -> bool:
+    if any(os.path.abspath(f.path).startswith(d) for d in dirs):
+      return True
+    if _matches(f.name, globs):
+      return True
+    if f.path not in families:
+      families[f.path] = read_family(f.path)
+    return bool(families[f.path]) and _matches(families[f.path], globs)
+
+  return match
+
+
+def split_hash(cp: int, seed: int) -> float:
+  """A number in [0, 1) that depends on the code point (and seed) only."""
+  h = hashlib.sha256(f"glyphs-split/{seed}/{cp}".encode()).digest()
+  return int.from_bytes(h[:8], "little") / 2.0**64
+
+
+def _case_partners(cp: int) -> list[int]:
+  """The other-case forms of a letter (single code points), e.g. "a" -> ["A"]."""
+  ch = chr(cp)
+  out = []
+  for other in (ch.upper(), ch.lower(), ch.title()):
+    if len(other) == 1 and ord(other) != cp and ord(other) not in out:
+      out.append(ord(other))
+  return out
+
+
+def _disagreeing_fonts(cps: Iterable[int], fonts: Sequence[str], images, cmaps,
+                       judge: Sequence[str] | None = None) -> dict[str, str]:
+  """Fonts whose renderings mostly disagree with the other fonts' (a wrong cmap).
+
+  For each code point drawn by >= 3 of `fonts`, each rendering is compared with the median
+  of the others. Tolerated (stylistic designs, not a wrong cmap): a rendering where the
+  font does not claim a distinct glyph (its cmap maps the code point to the same glyph as
+  another code point, e.g. a unicase or small-caps font drawing "a" with the "A" glyph),
+  and a rendering that agrees with the other fonts' drawing of the same letter in the other
+  case (small caps). A font is excluded when >= 5 and > 10% of its checked renderings
+  disagree. Only fonts in `judge` (default all) are judged.
+  """
+  judge = set(fonts if judge is None else judge)
+  font_set = set(fonts)
+  shared: dict[str, set[int]] = {}
+  for f in judge:
+    by_glyph: dict[str, list[int]] = {}
+    for cp, g in cmaps[f].items():
+      by_glyph.setdefault(g, []).append(cp)
+    shared[f] = {cp for cps_ in by_glyph.values() if len(cps_) > 1 for cp in cps_}
+  cps = sorted(set(cps))
+  vec_cache: dict[tuple[int, str], np.ndarray] = {}
+
+  def vec(cp, f):
+    if (cp, f) not in vec_cache:
+      vec_cache[cp, f] = _agreement_vectors(images[cp, f])
+    return vec_cache[cp, f]
+
+  def drawn_by(cp):
+    return [f for f in fonts if (cp, f) in images]
+
+  bad_count: dict[str, int] = {}
+  checked: dict[str, int] = {}
+  for cp in cps:
+    fs = drawn_by(cp)
+    if len(fs) < 3 or not judge.intersection(fs):
+      continue
+    agree = _consensus_agreement(np.stack([vec(cp, f) for f in fs]))
+    for f, a in zip(fs, agree):
+      if f not in judge or cp in shared[f]:
+        continue
+      checked[f] = checked.get(f, 0) + 1
+      if a >= 0.3:
+        continue
+      stylistic = False
+      for other in _case_partners(cp):
+        ref = [g for g in drawn_by(other) if g != f and g in font_set]
+        if len(ref) >= 2:
+          m = np.median(np.stack([vec(other, g) for g in ref]), axis=0)
+          m = m - m.mean()
+          if float(vec(cp, f) @ m) / (float(np.linalg.norm(m)) + 1e-6) >= 0.5:
+            stylistic = True
+            break
+      bad_count[f] = bad_count.get(f, 0) + int(not stylistic)
+  out = {}
+  for f in sorted(judge):
+    n, bad = checked.get(f, 0), bad_count.get(f, 0)
+    if bad >= 5 and bad > 0.1 * n:
+      out[f] = f"{bad}/{n} renderings disagree with the other fonts (wrong cmap)"
+  return out
+
+
+def _default_roles(chars: list[int], valid: dict[int, list[str]], fonts: list[str],
+                   options: GlyphsOptions, rng: np.random.Generator) -> dict[int, str]:
+  """The split of the characters of matplotlib's fonts (the default build's split).
+
+  `valid[cp]`: the matplotlib fonts with a valid rendering of `cp`. Held-out fonts are the
+  default ones, so the split does not depend on `options.held_out_fonts`.
+  """
+  source = [f for f in fonts if not _matches(f, DEFAULT_HELD_OUT_FONTS)]
+  chars = [cp for cp in chars if len(valid[cp]) >= options.min_fonts
+           and sum(f in source for f in valid[cp]) >= 3]
+  held_scripts = set(options.test_scripts)
+  background = [cp for cp in chars if script_of(cp) not in held_scripts]
+  cls_chars = _pick_test_classes(background, options.test_class_fraction, rng)
+  roles = {cp: "test_scripts" for cp in chars if script_of(cp) in held_scripts}
+  roles.update({cp: ("test_classes" if cp in cls_chars else "train") for cp in background})
+  return roles
+
+
+def _new_char_role(cp: int, options: GlyphsOptions, train_words: set[str],
+                   train_scripts: set[str]) -> str:
+  """Split of a character that only added fonts cover: by script, else by code-point hash."""
+  script = script_of(cp)
+  if script in set(options.test_scripts):
+    return "test_scripts"
+  if (split_hash(cp, options.seed) < options.test_class_fraction and script in train_scripts
+      and set(char_text(cp).split()) <= train_words):
+    return "test_classes"
+  return "train"
+
+
 def build_plan(options: GlyphsOptions = GlyphsOptions()) -> GlyphsPlan:
   """Reads the fonts, renders every candidate (character, font), filters and splits.
 
   Returns the examples of every split (images (S, S) uint8) and the metadata: per split
   the class names in label order, codepoints, scripts and fonts.
   """
+  t0 = time.perf_counter()
+  mpl_dir = os.path.join(os.path.abspath(matplotlib_font_dir()), "")
+  listed = list_fonts(options.font_dirs)
+  is_held = held_out_matcher(options.held_out_fonts)
+  for pattern in options.held_out_fonts:
+    one = held_out_matcher([pattern])
+    if pattern not in DEFAULT_HELD_OUT_FONTS and not any(one(f) for f in listed):
+      raise GlyphsError(f"held-out font {pattern!r} matches no font (fonts: "
+                        f"{', '.join(f.name for f in listed)}); pass a font name pattern, a "
+                        "family name or a --font_dir directory")
   excluded: dict[str, str] = {}
   fonts = []
-  for f in list_fonts(options.font_dirs):
+  for f in listed:
     if _matches(f.name, FALLBACK_FONTS):
       excluded[f.name] = "fallback font"
     elif _matches(f.name, SYMBOL_FONTS):
@@ -425,17 +600,31 @@ def build_plan(options: GlyphsOptions = GlyphsOptions()) -> GlyphsPlan:
     else:
       cmaps[f.name] = cm
   fonts = [f for f in fonts if f.name in cmaps]
+  base = {f.name for f in fonts if os.path.abspath(f.path).startswith(mpl_dir)}
+  added = [f.name for f in fonts if f.name not in base]
   coverage: dict[int, list[str]] = {}
   for f in fonts:
     for cp, glyph in cmaps[f.name].items():
       if glyph != ".notdef" and is_candidate_char(cp):
         coverage.setdefault(cp, []).append(f.name)
-  chars = sorted(cp for cp, fs in coverage.items() if len(fs) >= options.min_fonts)
+  base_cov = {cp: [f for f in fs if f in base] for cp, fs in coverage.items()}
+  base_candidates = sorted(cp for cp, fs in base_cov.items() if len(fs) >= options.min_fonts)
+  chars = base_candidates
   if options.max_chars is not None:
     chars = _subsample_chars(chars, int(options.max_chars), options.seed)
+  # Characters that added training fonts bring to min_fonts (held-out fonts bring none: they
+  # add test domains only), sampled at the same rate as the others on reduced builds.
+  known = set(base_candidates)
+  rate = 1.0 if options.max_chars is None else len(chars) / max(len(base_candidates), 1)
+  held_names = {f.name for f in fonts if is_held(f)}
+  new_chars = sorted(cp for cp, fs in coverage.items() if cp not in known
+                     and sum(f not in held_names for f in fs) >= options.min_fonts
+                     and split_hash(cp, options.seed + 1) < rate)
   # Probes (printable ASCII and Latin-1) judge whole fonts even on a reduced build.
   probes = [cp for cp in list(range(0x21, 0x7F)) + list(range(0xA1, 0x100)) if cp in coverage]
-  to_render = sorted(set(chars) | set(probes))
+  to_render = sorted(set(chars) | set(new_chars) | set(probes))
+  log.info("glyphs: %d fonts (%d added), %d characters to render", len(fonts), len(added),
+           len(to_render))
 
   renderers = {f.name: GlyphRenderer(f.path, options.image_size) for f in fonts}
   images: dict[tuple[int, str], np.ndarray] = {}
@@ -444,39 +633,42 @@ def build_plan(options: GlyphsOptions = GlyphsOptions()) -> GlyphsPlan:
       img = renderers[fname].render(chr(cp))
       if img is not None:
         images[cp, fname] = img
+  log.info("glyphs: %d renderings in %.1f s", len(images), time.perf_counter() - t0)
 
   # Fonts whose renderings disagree with the other fonts map codepoints to other glyphs.
-  bad_count: dict[str, int] = {}
-  checked: dict[str, int] = {}
-  for cp in to_render:
-    fs = [f for f in coverage[cp] if (cp, f) in images]
-    if len(fs) < 3:
-      continue
-    agree = _consensus_agreement(np.stack([_agreement_vectors(images[cp, f]) for f in fs]))
-    for f, a in zip(fs, agree):
-      checked[f] = checked.get(f, 0) + 1
-      bad_count[f] = bad_count.get(f, 0) + int(a < 0.3)
-  for f in fonts:
-    n, bad = checked.get(f.name, 0), bad_count.get(f.name, 0)
-    if bad >= 5 and bad > 0.1 * n:
-      excluded[f.name] = f"{bad}/{n} renderings disagree with the other fonts (wrong cmap)"
+  # matplotlib's fonts are judged among themselves (so the default split never depends on
+  # the added fonts), added fonts against all.
+  base_names = sorted(base)
+  base_render = [cp for cp in to_render if base_cov.get(cp)]
+  excluded.update(_disagreeing_fonts(base_render, base_names, images, cmaps))
+  if added:
+    ok_names = [f.name for f in fonts if f.name not in excluded]
+    excluded.update(_disagreeing_fonts(to_render, ok_names, images, cmaps, judge=added))
   fonts = [f for f in fonts if f.name not in excluded]
   font_names = [f.name for f in fonts]
-  held = [f for f in font_names if _matches(f, options.held_out_fonts)]
+  held = [f.name for f in fonts if is_held(f)]
   source = [f for f in font_names if f not in held]
   if not source:
-    raise ValueError("glyphs: every font is held out; change held_out_fonts")
+    raise GlyphsError("glyphs: every font is held out; hold out fewer fonts")
 
-  valid = {cp: [f for f in font_names if (cp, f) in images] for cp in chars}
-  chars = [cp for cp in chars if len(valid[cp]) >= options.min_fonts
-           and sum(f in source for f in valid[cp]) >= 3]
-  script = {cp: script_of(cp) for cp in chars}
-  held_scripts = set(options.test_scripts)
-  scr_chars = [cp for cp in chars if script[cp] in held_scripts]
-  background = [cp for cp in chars if script[cp] not in held_scripts]
+  # The character split: the default build's for matplotlib's characters (from matplotlib's
+  # fonts alone), a per-character rule for the others.
+  base_ok = [f for f in base_names if f not in excluded]
+  base_valid = {cp: [f for f in base_ok if (cp, f) in images] for cp in chars}
   rng = np.random.default_rng(options.seed)
-  cls_chars = _pick_test_classes(background, options.test_class_fraction, rng)
-  train_chars = [cp for cp in background if cp not in cls_chars]
+  role = _default_roles(chars, base_valid, base_ok, options, rng)
+  train_words = {w for cp, r in role.items() if r == "train" for w in char_text(cp).split()}
+  train_scripts = {script_of(cp) for cp, r in role.items() if r == "train"}
+  for cp in new_chars:
+    role[cp] = _new_char_role(cp, options, train_words, train_scripts)
+
+  valid = {cp: [f for f in font_names if (cp, f) in images] for cp in role}
+  chars = sorted(cp for cp in role if len(valid[cp]) >= options.min_fonts
+                 and sum(f in source for f in valid[cp]) >= 3)
+  script = {cp: script_of(cp) for cp in chars}
+  scr_chars = [cp for cp in chars if role[cp] == "test_scripts"]
+  cls_chars = {cp for cp in chars if role[cp] == "test_classes"}
+  train_chars = [cp for cp in chars if role[cp] == "train"]
 
   def src_fonts(cp):
     return [f for f in valid[cp] if f in source]
@@ -527,6 +719,9 @@ def build_plan(options: GlyphsOptions = GlyphsOptions()) -> GlyphsPlan:
       "source_fonts": source,
       "held_out_fonts": held,
       "excluded_fonts": dict(sorted(excluded.items())),
+      "added_fonts": [f for f in added if f in font_names],  # from font_dirs
+      # A character's split depends on the character only (see the module docstring).
+      "character_split": "matplotlib fonts' default split; added characters by code point",
       "train_scripts": sorted({script[cp] for cp in train_chars}),
       "test_scripts": sorted({script[cp] for cp in scr_chars}),
       "splits": split_meta,

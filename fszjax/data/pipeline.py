@@ -106,8 +106,9 @@ def _key_or_none(v):
 def _glyph_options(cfg: dict[str, Any], name: str) -> glyphs_lib.GlyphsOptions:
   g = cfg.get("glyphs") or {}
   size = g.get("image_size") or cfg.get("image_size") or glyphs_lib.DEFAULT_IMAGE_SIZE
+  held = tuple(glyphs_lib.DEFAULT_HELD_OUT_FONTS) + tuple(g.get("held_out_fonts") or ())
   return glyphs_lib.GlyphsOptions(image_size=int(size), font_dirs=tuple(g.get("font_dirs") or ()),
-                                  max_chars=g.get("max_chars"))
+                                  max_chars=g.get("max_chars"), held_out_fonts=held)
 
 
 def _glyph_prepare_command(cfg, data_dir) -> str:
@@ -118,6 +119,8 @@ def _glyph_prepare_command(cfg, data_dir) -> str:
     cmd += f" --image_size {int(size)}"
   for d in g.get("font_dirs") or ():
     cmd += f" --font_dir {d}"
+  for h in g.get("held_out_fonts") or ():
+    cmd += f" --heldout_fonts '{h}'"
   if g.get("max_chars"):
     cmd += f" --max_chars {int(g['max_chars'])}"
   return cmd
