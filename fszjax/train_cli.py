@@ -105,6 +105,8 @@ def _cmd_eval(args, overrides) -> int:
   for split, m in result["zeroshot"].items():
     print(f"zero-shot {split}: top1={m['top1']:.3f} top5={m['top5']:.3f} "
           f"(chance {m['chance']:.4f})")
+  for split, m in result["retrieval"].items():
+    print(f"retrieval {split}: " + " ".join(f"{k}={m[k]:.3f}" for k in sorted(m) if "_r" in k))
   return 0
 
 

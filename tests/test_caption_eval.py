@@ -197,6 +197,7 @@ def test_load_split_arrays_gives_every_caption(tmp_path):
   assert a["class_names"] is None and (a["label"] == -1).all()
   assert len(a["captions"]) == 6 and all(isinstance(c, list) for c in a["captions"])
   assert sum(len(c) for c in a["captions"]) > 6  # several captions per image
+  assert len({len(c) for c in a["captions"]}) > 1  # and not the same number for each
   for text, caps in zip(a["text"], a["captions"]):
     assert caps and text == caps[0] and all(isinstance(t, str) for t in caps)
 
@@ -215,9 +216,9 @@ TINY_B16 = [
     "--config.data.image_size=32", "--config.data.max_text_len=16",
     "--config.data.tokenizer.vocab_size=64", "--config.data.num_workers=0",
     "--config.data.num_threads=1", "--config.data.image_decoder=tfds",
-    "--config.batch_size=8", "--config.total_steps=4", "--config.log_every=1",
-    "--config.eval_every=2", "--config.eval.batch_size=4",
-    "--config.optim.warmup_steps=1", "--config.checkpoint.save_every=2",
+    "--config.batch_size=8", "--config.total_steps=2", "--config.log_every=1",
+    "--config.eval_every=1", "--config.eval.batch_size=8",
+    "--config.optim.warmup_steps=1",
     "--config.checkpoint.async_save=False", "--config.progress=False",
 ]
 
@@ -236,7 +237,7 @@ def test_b16_structure_on_mock_coco_captions_evaluates(config_file, tmp_path):
   workdir = str(tmp_path / "run")
   with tfds.testing.mock_data(num_examples=12):
     summary = pretrain.train(cfg, workdir)
-  assert summary["steps"] == 4 and not summary["stopped_early"]
+  assert summary["steps"] == 2 and not summary["stopped_early"]
   with open(os.path.join(workdir, "summary.json")) as f:
     on_disk = json.load(f)
   assert on_disk["zeroshot"] == {}  # no labels: no zero-shot classification
@@ -249,8 +250,20 @@ def test_b16_structure_on_mock_coco_captions_evaluates(config_file, tmp_path):
     assert r[2] > 0  # 10 of 12 images (or of many captions): chance alone is far above 0
   # t2i with 12 candidate images: recall@10 misses only captions whose image ranks 11th/12th.
   assert ret["t2i_r10"] >= 0.5
-  # The evaluation rows in metrics.jsonl carry the flattened recalls at steps 2 and 4.
+  # The evaluation rows in metrics.jsonl carry the flattened recalls at steps 1 and 2.
   rows = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   eval_rows = [r for r in rows if "retrieval/val/i2t_r1" in r]
-  assert [r["step"] for r in eval_rows] == [2, 4]
+  assert [r["step"] for r in eval_rows] == [1, 2]
   assert eval_rows[-1]["retrieval/val/t2i_r5"] == ret["t2i_r5"]
+  if config_file == "siglip_b16.py":
+    # `fszjax eval` restores the checkpoint (onto the default data-parallel mesh) and
+    # evaluates the caption split the same way.
+    from fszjax import train_cli
+
+    with tfds.testing.mock_data(num_examples=12):
+      result = train_cli.evaluate_checkpoint(workdir, None, [])
+    assert result["steps"] == 2 and result["zeroshot"] == {}
+    again = result["retrieval"]["val"]
+    assert again["num_images"] == 12 and again["num_texts"] == ret["num_texts"]
+    assert all(0.0 <= again[f"t2i_r{k}"] <= 1.0 for k in (1, 5, 10))
+    assert again["t2i_r1"] <= again["t2i_r5"] <= again["t2i_r10"]
