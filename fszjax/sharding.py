@@ -169,3 +169,32 @@ def host_to_global(batch, mesh: Mesh, global_batch: int | None = None):
 def shardings_of(tree):
   """The `.sharding` of every array leaf (for jit in/out shardings)."""
   return jax.tree.map(lambda x: x.sharding, tree)
+
+
+
+def optimizer_state_shardings(tx, abstract_opt_state, abstract_params, mesh: Mesh):
+  """Shardings of an optax state: every copy of the parameter tree inside it (Adam's mu
+  and nu, momentum, ...) gets the parameters' shardings leaf by leaf; everything else
+  (step counters, scalars, per-transform bookkeeping) is replicated.
+
+  `abstract_params` are `jax.ShapeDtypeStruct`s carrying the parameters' shardings. The
+  copies are found through the state's tree structure with `optax.tree_map_params`, so
+  any chain works, including masked transforms (their masked-out leaves are
+  `MaskedNode`s, which hold no array) and `multi_transform` with frozen parameters. A
+  state leaf whose shape differs from its parameter's (e.g. a factored second moment) is
+  replicated.
+  """
+  import optax
+  from optax.transforms import MaskedNode
+
+  rep = replicated(mesh)
+
+  def like_param(leaf, param):
+    if isinstance(leaf, MaskedNode):
+      return leaf
+    return param.sharding if tuple(leaf.shape) == tuple(param.shape) else rep
+
+  return optax.tree_map_params(
+      tx, like_param, abstract_opt_state, abstract_params,
+      transform_non_params=lambda value: jax.tree.map(lambda _: rep, value),
+      is_leaf=lambda x: isinstance(x, MaskedNode))

@@ -103,7 +103,7 @@ def test_converted_dir_restores_like_eval_and_init_from(tiny):
   cfg, _ = inference.load_config(out)
   assert cfg.data.tokenizer.kind == "clip_bpe" and cfg.data.max_text_len == 16
   mesh = sharding.make_mesh(-1, 1, 1)
-  abstract = pretrain.state_shardings(cfg, mesh, sharding.rules_from_config(cfg))
+  abstract = pretrain.abstract_train_state(cfg, mesh, sharding.rules_from_config(cfg))
   ckpt = ckpt_lib.Checkpointer(os.path.join(out, "checkpoints"), read_only=True)
   step, state = ckpt.restore(abstract)
   assert step == 0

@@ -216,7 +216,7 @@ def test_two_process_checkpoint_restores_on_8_devices_and_on_1(runs):
   restored = {}
   for name, shape in (("8", (2, 4, 1)), ("1", (1, 1, 1))):
     mesh = sharding.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
-    step, state = ckpt.restore(pretrain.state_shardings(cfg, mesh, rules), step=TOTAL)
+    step, state = ckpt.restore(pretrain.abstract_train_state(cfg, mesh, rules), step=TOTAL)
     assert step == TOTAL and int(state.step) == TOTAL
     restored[name] = jax.tree.map(np.asarray, state.params)
   assert max_abs_diff(restored["8"], restored["1"]) == 0.0
@@ -235,7 +235,7 @@ def test_data_position_moves_to_one_process(runs):
   it = pipeline.make_train_iterator(cfg.data, global_batch=BATCH, seed=cfg.seed)
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   ckpt = checkpoint.Checkpointer(os.path.join(runs["two"], "checkpoints"), read_only=True)
-  step, _ = ckpt.restore(pretrain.state_shardings(cfg, mesh, sharding.rules_from_config(cfg)),
+  step, _ = ckpt.restore(pretrain.abstract_train_state(cfg, mesh, sharding.rules_from_config(cfg)),
                          iterator=it, step=TOTAL)
   assert step == TOTAL
   a, b = next(it), next(ref)

@@ -158,7 +158,7 @@ def test_restored_params_identical_on_one_device(reference_run, gdir):
   wd, _ = reference_run
   cfg = config_lib.load_config(os.path.join(wd, "config.json"))
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-  abstract = pretrain.state_shardings(cfg, mesh, sharding.rules_from_config(cfg))
+  abstract = pretrain.abstract_train_state(cfg, mesh, sharding.rules_from_config(cfg))
   ck = checkpoint.Checkpointer(os.path.join(wd, "checkpoints"), read_only=True)
   step, state = ck.restore(abstract)
   assert step == 12
@@ -172,7 +172,7 @@ def test_fsdp8_checkpoint_restores_on_one_device(gdir, tmp_path):
   pretrain.train(cfg, wd)
   mesh1 = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   ck = checkpoint.Checkpointer(os.path.join(wd, "checkpoints"), read_only=True)
-  _, state = ck.restore(pretrain.state_shardings(cfg, mesh1, sharding.DEFAULT_RULES))
+  _, state = ck.restore(pretrain.abstract_train_state(cfg, mesh1, sharding.DEFAULT_RULES))
   saved = checkpoint.load_params_numpy(wd)
   assert max_abs_diff(jax.tree.map(np.asarray, state.params), saved) == 0.0
 
@@ -193,7 +193,7 @@ def test_corrupt_latest_checkpoint_falls_back(reference_run, tmp_path):
   cfg = config_lib.load_config(os.path.join(wd, "config.json"))
   mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   ck = checkpoint.Checkpointer(os.path.join(wd, "checkpoints"), read_only=True)
-  step, _ = ck.restore(pretrain.state_shardings(cfg, mesh, sharding.DEFAULT_RULES))
+  step, _ = ck.restore(pretrain.abstract_train_state(cfg, mesh, sharding.DEFAULT_RULES))
   assert step == 8
 
 
