@@ -216,14 +216,14 @@ def in_batch_accuracy(zimg, ztxt, mesh: Mesh | None):
   return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec), out_specs=P())(zimg, ztxt)
 
 
-def make_train_step(model: TwoTower, tx, schedule, config, mesh: Mesh | None, rules=None,
-                    jit: bool = True, state_shardings=None):
-  """Returns ``step(state, batch) -> (state, metrics)``; jitted with donated state if `jit`."""
+def make_loss_and_grads(model: TwoTower, config, mesh: Mesh | None):
+  """Returns ``loss_and_grads(params, batch) -> (loss, grads, zimg, ztxt)``: the train
+  step's loss and its gradient with respect to the parameters, unjitted (call it inside
+  the mesh and the logical-axis rules). With ``config.grad_accum = k > 1`` the gradient
+  cache scheme described at the top of this module is used."""
   kind = config.loss
   chunked = bool(config.get("loss_chunked", True)) and mesh is not None
   accum = int(config.get("grad_accum", 1))
-  rules = rules if rules is not None else sharding.DEFAULT_RULES
-  param_shardings = state_shardings.params if (mesh is not None and state_shardings is not None) else None
 
   def loss_of(zi, zt, t, b):
     return losses.contrastive_loss(kind, zi, zt, t, b, mesh=mesh, chunked=chunked)
@@ -266,6 +266,24 @@ def make_train_step(model: TwoTower, tx, schedule, config, mesh: Mesh | None, ru
 
     grads, _ = jax.lax.scan(body, grads, (img_mb, tok_mb, gzi_mb, gzt_mb))
     return loss, grads, zi, zt
+
+  return grads_and_metrics
+
+
+def make_train_step(model: TwoTower, tx, schedule, config, mesh: Mesh | None, rules=None,
+                    jit: bool = True, state_shardings=None):
+  """Returns ``step(state, batch) -> (state, metrics)``; jitted with donated state if `jit`.
+
+  Under a mesh the gradients are constrained to the parameters' shardings (so that with
+  FSDP each device keeps only its shard of the reduced gradient, and the optimizer,
+  whose state is sharded like the parameters, updates only that shard).
+  """
+  rules = rules if rules is not None else sharding.DEFAULT_RULES
+  param_shardings = state_shardings.params if (mesh is not None and state_shardings is not None) else None
+  grads_and_metrics = make_loss_and_grads(model, config, mesh)
+
+  def scale_bias(params):
+    return model.apply({"params": params}, method=TwoTower.scale_and_bias)
 
   def step(state: TrainState, batch):
     with nn.logical_axis_rules(rules):
