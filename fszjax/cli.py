@@ -1,4 +1,4 @@
-"""`fszjax <command>`: prepare, pretrain, eval, adapt, convert, bench.
+"""`fszjax <command>`: prepare, pretrain, eval, adapt, convert, bench, compile.
 
 Config overrides use the big_vision convention and may appear anywhere after the
 command: ``--config.loss=clip --config.mesh.data=2``.
@@ -65,6 +65,27 @@ def _cmd_bench(args, overrides) -> int:
   return fbench.main(args, overrides)
 
 
+def _cmd_compile(args, overrides) -> int:
+  from fszjax import aot
+
+  return aot.main(args, overrides)
+
+
+def _add_compile_parser(sub) -> None:
+  c = sub.add_parser(
+      "compile", help="compile the train step for a TPU topology on this host (no TPU needed)")
+  c.add_argument("--config", required=True, help="config file, e.g. configs/siglip_b16.py")
+  c.add_argument("--topology", required=True,
+                 help="TPU slice: v5e:16x16, v6e:8x8, v5p:4x4x4, v4:2x2x2, or a Cloud TPU type "
+                      "(v5litepod-256, v5p-128); 2xv5e:16x16 for two slices")
+  c.add_argument("--num_slices", type=int, default=1,
+                 help="slices joined over the data-centre network (config.mesh.data must be a "
+                      "multiple)")
+  c.add_argument("--no_eval", action="store_true", help="skip compiling the evaluation encoders")
+  c.add_argument("--out", default="", help="also write the JSON report to this file")
+  c.set_defaults(func=_cmd_compile)
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="fszjax", description="Zero-shot pretraining and few-shot, domain-robust fine-tuning in JAX.")
@@ -86,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--peak_tflops", type=float, default=None,
                  help="device peak TFLOP/s for MFU when the device is not known")
   b.set_defaults(func=_cmd_bench)
+  _add_compile_parser(sub)
 
   for module, adder in (("fszjax.data.cli", "add_prepare_parser"),
                         ("fszjax.train_cli", "add_parsers"),

@@ -1,4 +1,4 @@
-"""Analytic FLOPs of the two-tower model and model FLOPs utilisation (MFU).
+"""Analytic FLOPs of the two-tower model, accelerator chip specs and model FLOPs utilisation.
 
 MaxText-style accounting: the matmuls of both towers (patch embedding, q/k/v/out
 projections, MLPs, attention-pooling head, output projections), the attention score and
@@ -9,19 +9,57 @@ attention is counted as full attention.
 
 from __future__ import annotations
 
-# Peak dense bf16 TFLOP/s per chip, by substring of `jax.devices()[0].device_kind`.
-PEAK_TFLOPS = (
-    ("v6 lite", 918.0), ("v6e", 918.0), ("v5 lite", 197.0), ("v5e", 197.0), ("v5p", 459.0),
-    ("v5", 459.0), ("v4", 275.0),
-    ("H200", 989.0), ("H100", 989.0), ("A100", 312.0),
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Per-chip figures from the vendors' spec sheets (dense bf16, no sparsity)."""
+
+  name: str
+  peak_tflops: float     # dense bf16 TFLOP/s
+  hbm_bytes: int         # HBM capacity
+  hbm_gbps: float        # HBM bandwidth, GB/s (1e9 bytes/s)
+
+
+_GiB = 1 << 30
+_GB = 10**9
+# Sources (checked 2026-11-30): cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} ("peak compute
+# per chip (bf16)", "HBM capacity / bandwidth per chip"); NVIDIA A100/H100/H200 datasheets
+# (the Tensor Core bf16 figure halved: the sheets quote it with 2:4 sparsity).
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("TPU v4", 275.0, 32 * _GiB, 1200.0),
+    "v5e": Chip("TPU v5e", 197.0, 16 * _GiB, 819.0),
+    "v5p": Chip("TPU v5p", 459.0, 95 * _GiB, 2765.0),
+    "v6e": Chip("TPU v6e", 918.0, 32 * _GiB, 1640.0),
+    "a100-40gb": Chip("NVIDIA A100 40GB", 312.0, 40 * _GB, 1555.0),
+    "a100": Chip("NVIDIA A100 80GB", 312.0, 80 * _GB, 2039.0),
+    "h100-pcie": Chip("NVIDIA H100 PCIe", 756.0, 80 * _GB, 2000.0),
+    "h100": Chip("NVIDIA H100 SXM", 989.0, 80 * _GB, 3350.0),
+    "h200": Chip("NVIDIA H200", 989.0, 141 * _GB, 4800.0),
+}
+
+# Substrings of `jax.devices()[0].device_kind` (lower case) -> CHIPS key; first match wins.
+_KIND_KEYS = (
+    ("v6 lite", "v6e"), ("v6e", "v6e"), ("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"),
+    ("v5", "v5p"), ("v4", "v4"),
+    ("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100"),
+    ("a100-sxm4-40gb", "a100-40gb"), ("a100-pcie-40gb", "a100-40gb"), ("a100", "a100"),
 )
 
 
-def peak_tflops(device_kind: str) -> float | None:
-  for key, value in PEAK_TFLOPS:
-    if key.lower() in device_kind.lower():
-      return value
+def chip_for(device_kind: str) -> Chip | None:
+  """The `Chip` of a JAX ``device_kind`` ("TPU v5 lite", "NVIDIA H100 80GB HBM3", ...)."""
+  kind = device_kind.lower()
+  for sub, key in _KIND_KEYS:
+    if sub in kind:
+      return CHIPS[key]
   return None
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  chip = chip_for(device_kind)
+  return chip.peak_tflops if chip else None
 
 
 def _encoder_flops(tokens: int, width: int, depth: int, mlp: int) -> float:
@@ -29,31 +67,64 @@ def _encoder_flops(tokens: int, width: int, depth: int, mlp: int) -> float:
   return depth * per_layer
 
 
-def forward_flops_per_example(mcfg, global_batch: int) -> float:
-  """Forward FLOPs per example of the contrastive model described by ``config.model``."""
+def forward_flops_parts(mcfg, global_batch: int, depths: tuple[int, int] | None = None) -> dict:
+  """Forward FLOPs per example, split ``{"image", "text", "logits"}``.
+
+  ``depths=(image_depth, text_depth)`` overrides the towers' depths (used to estimate
+  what XLA's cost analysis sees when it counts a scanned layer body once).
+  """
   from fszjax.models.two_tower import tower_dims
 
   icfg, tcfg = mcfg.image, mcfg.text
   iw, idp, im, _, patch = tower_dims(icfg)
+  tw, tdp, tm, _, _ = tower_dims(tcfg)
+  if depths is not None:
+    idp, tdp = depths
   patch = patch or 16
   size = icfg.image_size
   channels = icfg.get("channels", 3)
   n_patch = (size // patch) ** 2
   t_img = n_patch + (1 if icfg.get("pool", "map") == "tok" else 0)
   embed = mcfg.embed_dim or 0
-  f = 2 * n_patch * patch * patch * channels * iw
-  f += _encoder_flops(t_img, iw, idp, im)
+  fi = 2 * n_patch * patch * patch * channels * iw
+  fi += _encoder_flops(t_img, iw, idp, im)
   if icfg.get("pool", "map") == "map":
-    f += 2 * iw * iw * 2 + 2 * 2 * t_img * iw * iw + 2 * 2 * t_img * iw + 2 * 2 * iw * im
+    fi += 2 * iw * iw * 2 + 2 * 2 * t_img * iw * iw + 2 * 2 * t_img * iw + 2 * 2 * iw * im
   if embed and icfg.get("proj", True):
-    f += 2 * iw * embed
-  tw, tdp, tm, _, _ = tower_dims(tcfg)
-  f += _encoder_flops(tcfg.max_len, tw, tdp, tm)
+    fi += 2 * iw * embed
+  ft = _encoder_flops(tcfg.max_len, tw, tdp, tm)
   if embed and tcfg.get("proj", True):
-    f += 2 * tw * embed
-  f += 2 * global_batch * (embed or iw)  # this example's row of the logits
-  return float(f)
+    ft += 2 * tw * embed
+  fl = 2 * global_batch * (embed or iw)  # this example's row of the logits
+  return {"image": float(fi), "text": float(ft), "logits": float(fl)}
+
+
+def forward_flops_per_example(mcfg, global_batch: int) -> float:
+  """Forward FLOPs per example of the contrastive model described by ``config.model``."""
+  return sum(forward_flops_parts(mcfg, global_batch).values())
 
 
 def train_flops_per_step(mcfg, global_batch: int) -> float:
   return 3.0 * forward_flops_per_example(mcfg, global_batch) * global_batch
+
+
+def scan_count_ratio(mcfg, global_batch: int, grad_accum: int = 1) -> float:
+  """How many times more FLOPs the step does than a static count of its HLO shows.
+
+  XLA's cost analysis counts the body of a loop once: with ``scan_layers`` each tower's
+  block is one loop body (so ``depth`` layers count as 1), and with gradient accumulation
+  the towers run inside a loop over the ``grad_accum`` micro-batches (counted as one).
+  The ratio true / counted of the analytic forward FLOPs estimates the factor to apply
+  to XLA's figures.
+  """
+  from fszjax.models.two_tower import tower_dims
+
+  true = forward_flops_parts(mcfg, global_batch)
+  if mcfg.get("scan_layers", False):
+    seen = forward_flops_parts(mcfg, global_batch, depths=(
+        min(1, tower_dims(mcfg.image)[1]), min(1, tower_dims(mcfg.text)[1])))
+  else:
+    seen = dict(true)
+  k = max(int(grad_accum), 1)
+  counted = (seen["image"] + seen["text"]) / k + seen["logits"]
+  return sum(true.values()) / counted

@@ -10,6 +10,13 @@
 #   launch/tpu_pod.sh logs                  # last lines of the detached run's log (worker 0)
 #   launch/tpu_pod.sh status | delete       # state of the slice | teardown (slice and request)
 #   launch/tpu_pod.sh up pretrain ...       # create + install + run; KEEP=0 also deletes at the end
+#   launch/tpu_pod.sh compile --config C    # only the pre-flight check below, on this machine
+#
+# Pre-flight: before `run pretrain` or `up pretrain` starts anything, this machine compiles
+# the train step for ACCELERATOR_TYPE with `fszjax compile` (libtpu, no TPU needed: install
+# this checkout with `pip install -e ".[tpu]"` here) and stops if it does not fit in HBM,
+# printing the fix. It takes minutes; skip it with --no-preflight after the action
+# (`launch/tpu_pod.sh up --no-preflight pretrain ...`) or PREFLIGHT=0.
 #
 # gs:// paths (in the command and in TFDS_DATA_DIR) are mounted with Cloud Storage FUSE on
 # every worker under /gcs/BUCKET and rewritten to that path, so checkpoints, metrics and
@@ -37,6 +44,8 @@
 #   DETACH            1 = run under nohup, log to ~/fszjax-logs/run.log (see `logs`); default 0
 #   KEEP              `up` only: 0 = delete the slice when the command ends (default 1)
 #   FSZJAX_DIST_TIMEOUT  optional: jax.distributed heartbeat/init timeout in seconds
+#   PREFLIGHT         0 = skip the pre-flight compile (default 1)
+#   FSZJAX            the local fszjax command for the pre-flight (default: fszjax)
 set -euo pipefail
 
 usage() {
@@ -50,12 +59,19 @@ shift
 case "$action" in
   -h | --help | help) usage ;;
 esac
+PREFLIGHT=${PREFLIGHT:-1}
+if [[ "${1:-}" == "--no-preflight" ]]; then
+  PREFLIGHT=0
+  shift
+fi
 
-: "${TPU_NAME:?set TPU_NAME (the TPU VM slice name)}"
-: "${ZONE:?set ZONE (e.g. us-central2-b)}"
+if [[ "$action" != compile ]]; then
+  : "${TPU_NAME:?set TPU_NAME (the TPU VM slice name)}"
+  : "${ZONE:?set ZONE (e.g. us-central2-b)}"
+fi
 ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v5litepod-16}
 RUNTIME_VERSION=${RUNTIME_VERSION:-v2-alpha-tpuv5-lite}
-QR_NAME=${QR_NAME:-${TPU_NAME}-qr}
+QR_NAME=${QR_NAME:-${TPU_NAME:-}-qr}
 SPOT=${SPOT:-0}
 PYTHON_VERSION=${PYTHON_VERSION:-3.12}
 UV_VERSION=${UV_VERSION:-0.13.9}
@@ -65,7 +81,7 @@ DETACH=${DETACH:-0}
 KEEP=${KEEP:-1}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
-gflags=(--zone="$ZONE")
+gflags=(--zone="${ZONE:-}")
 if [[ -n "${PROJECT:-}" ]]; then
   gflags+=(--project="$PROJECT")
 fi
@@ -216,6 +232,44 @@ cmd_run() {
   on_workers "$script"
 }
 
+# Pre-flight: compiles the train step of `pretrain ARGS` for $ACCELERATOR_TYPE on this
+# machine (`fszjax compile`) and exits 1 when it does not fit. Other commands pass.
+preflight() {
+  if [[ "$PREFLIGHT" == "0" || "${1:-}" != "pretrain" ]]; then
+    return 0
+  fi
+  shift
+  local fszjax=${FSZJAX:-fszjax} args=() a want=""
+  for a in "$@"; do
+    if [[ -n "$want" ]]; then
+      args+=("$a")
+      want=""
+    elif [[ "$a" == --config || "$a" == --config.* ]]; then
+      args+=("$a")
+      if [[ "$a" != *=* ]]; then want=1; fi
+    fi
+  done
+  if ! command -v "$fszjax" >/dev/null; then
+    log "pre-flight: no local '$fszjax' command; pip install -e \"${ROOT}[tpu]\" here, set FSZJAX," \
+      "or skip the check with --no-preflight"
+    exit 1
+  fi
+  log "pre-flight: compiling the train step for $ACCELERATOR_TYPE on this machine" \
+    "(minutes; --no-preflight skips)"
+  local rc=0
+  (cd "$ROOT" && JAX_PLATFORMS=cpu "$fszjax" compile --topology "$ACCELERATOR_TYPE" \
+    "${args[@]}" >/dev/null) || rc=$?
+  if [[ $rc -eq 1 ]]; then
+    log "pre-flight: the train step does not fit $ACCELERATOR_TYPE (the fix is printed above);" \
+      "nothing was started"
+    exit 1
+  elif [[ $rc -ne 0 ]]; then
+    log "pre-flight: fszjax compile failed (exit $rc); nothing was started (--no-preflight skips)"
+    exit 1
+  fi
+  log "pre-flight: fits"
+}
+
 cmd_delete() {
   if [[ -n "$(qr_state)" ]]; then
     log "deleting queued resource $QR_NAME and its TPU VM"
@@ -231,7 +285,11 @@ cmd_delete() {
 case "$action" in
   create) cmd_create ;;
   install) cmd_install ;;
-  run) cmd_run "$@" ;;
+  run)
+    preflight "$@"
+    cmd_run "$@"
+    ;;
+  compile) PREFLIGHT=1 preflight pretrain "$@" ;;
   ssh) [[ $# -ge 1 ]] || usage; on_workers "$*" ;;
   logs) WORKER=${WORKER/all/0} on_workers "tail -n ${LINES:-50} ~/fszjax-logs/run.log" ;;
   status)
@@ -244,6 +302,7 @@ case "$action" in
     if [[ "$KEEP" == "0" ]]; then
       trap cmd_delete EXIT
     fi
+    preflight "$@"
     cmd_create
     cmd_install
     cmd_run "$@"

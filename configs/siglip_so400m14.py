@@ -1,0 +1,36 @@
+"""SigLIP So400m/14 at 224 px (the shape-optimised ViT of "Getting ViT in Shape", as
+big_vision's SigLIP So400m/14 224 checkpoint): a 27-layer, 1152-wide image tower
+(MLP 4304, 16 heads, 14-px patches, MAP pooling), a text tower of the same shape over
+16 SentencePiece tokens (vocabulary 32k), 1152-d embeddings; sigmoid loss.
+
+Defaults sized for a TPU v6e-256 slice (`fszjax compile --config configs/siglip_so400m14.py
+--topology v6e:16x16`, numbers in BUILD_NOTES.md "Ahead-of-time compilation"): global batch
+32k (128 per chip), every parameter and optimizer moment FSDP-sharded over the slice,
+full rematerialisation of each block.
+
+    fszjax pretrain --config configs/siglip_so400m14.py --workdir gs://bucket/so400m
+"""
+
+import importlib.util
+import os
+
+
+def _siglip():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "siglip_b16.py")
+  spec = importlib.util.spec_from_file_location("fszjax_config_siglip_b16", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def get_config(arg=None):
+  c = _siglip().get_config(arg)
+  c.name = "siglip_so400m14"
+  c.model.embed_dim = 1152
+  c.model.remat = "full"
+  c.model.image.update(dict(variant="So400m/14", patch_size=14, image_size=224))
+  c.model.text.update(dict(variant="So400m", max_len=16))
+  c.data.max_text_len = 16
+  c.batch_size = 32_768
+  c.eval.batch_size = 512
+  return c

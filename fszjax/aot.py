@@ -1,0 +1,504 @@
+"""Ahead-of-time compilation for an accelerator topology on any host (`fszjax compile`).
+
+    fszjax compile --config configs/siglip_b16.py --topology v5e:16x16
+
+libtpu (``pip install -e ".[tpu]"``) describes a TPU slice without the hardware
+(`jax.experimental.topologies.get_topology_desc`, compile-only devices). The train step
+of `fszjax.pretrain` is lowered on a mesh of those devices with abstract arguments
+(`ShapeDtypeStruct`s carrying the run's shardings) and compiled by the real TPU compiler,
+so the per-chip memory, the collectives and XLA's cost analysis are those of the run.
+The evaluation encoders are compiled the same way (parameters sharded as in training,
+one evaluation batch on every chip, as `fszjax.evaluate.Encoder` runs them).
+
+Reported per chip: argument / output / temporary bytes against the chip's HBM and
+``fits``; the analytic model FLOPs (`fszjax.flops`) and XLA's FLOPs and bytes (XLA
+counts a loop body once: scanned layers and gradient-accumulation micro-batches are
+corrected for by `flops.scan_count_ratio`); the collectives in the compiled HLO (static
+counts: an op inside a loop counts once); the compile time; a roofline step time
+``max(flops / peak, bytes / bandwidth)`` (compute and HBM traffic only: communication is
+not modelled) and the MFU upper bound it implies. When the step does not fit, one line
+names the fixes with the figures that can be estimated without another compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fszjax import flops, pretrain, sharding
+from fszjax.errors import UserError
+from fszjax.models.two_tower import TwoTower, build_model
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+# Share of the chip's HBM the compiled program may use before we call it a miss (libtpu
+# itself reserves a little: a v5e reports 15.75 of 16 GiB available).
+HBM_USABLE = 0.98
+
+
+class CompileError(UserError):
+  """A topology, config or mesh that cannot be compiled; the message names the fix."""
+
+
+# ----------------------------------------------------------------------------- topology
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A TPU slice (or several) as libtpu names it."""
+
+  family: str                 # CHIPS key: v4, v5e, v5p, v6e
+  shape: tuple[int, ...]      # chips per dimension
+  num_slices: int = 1
+
+  @property
+  def chips_per_slice(self) -> int:
+    return int(np.prod(self.shape))
+
+  @property
+  def chips(self) -> int:
+    return self.chips_per_slice * self.num_slices
+
+  @property
+  def name(self) -> str:
+    base = f"{self.family}:{'x'.join(map(str, self.shape))}"
+    return base if self.num_slices == 1 else f"{self.num_slices}x{base}"
+
+  @property
+  def accelerator_type(self) -> str:
+    """The Cloud TPU name of one slice (v5litepod-16, v5p-128: v4/v5p count TensorCores)."""
+    n = self.chips_per_slice
+    if self.family in ("v4", "v5p"):
+      return f"{self.family}-{2 * n}"
+    return f"{'v5litepod' if self.family == 'v5e' else self.family}-{n}"
+
+  def libtpu_kwargs(self) -> dict:
+    # v4 and v5p chips hold two TensorCores; "megacore" makes each chip one device, as
+    # JAX sees them on the VM. libtpu calls the v5p "v5".
+    name = {"v5p": "v5"}.get(self.family, self.family) + ":" + "x".join(map(str, self.shape))
+    kw: dict[str, Any] = {"topology_name": name}
+    if self.family in ("v4", "v5p"):
+      kw["chip_config_name"] = "megacore"
+    if self.num_slices > 1:
+      kw["num_slices"] = self.num_slices
+    return kw
+
+
+_FAMILIES = {"v4": "v4", "v5e": "v5e", "v5litepod": "v5e", "v5lite": "v5e", "v5p": "v5p",
+             "v6e": "v6e", "v6": "v6e"}
+_GPU_NAMES = ("gpu", "cuda", "a100", "h100", "h200", "b200", "l4", "nvidia")
+
+
+def _default_shape(family: str, chips: int) -> tuple[int, ...]:
+  """Cloud TPU's shape of a slice of `chips` chips: 2-D for v5e/v6e (16 -> 4x4, 32 -> 4x8),
+  3-D for v4/v5p (4 -> 2x2x1, 16 -> 2x2x4, 64 -> 4x4x4)."""
+  if chips < 1 or chips & (chips - 1):
+    raise CompileError(f"{chips} chips: slices have a power-of-two number of chips; "
+                       "pass the shape instead, e.g. --topology v5p:4x4x8")
+  dims = [1, 1] if family in ("v5e", "v6e") else [1, 1, 1]
+  i = 0
+  while int(np.prod(dims)) < chips:
+    dims[i % len(dims)] *= 2
+    i += 1
+  return tuple(sorted(dims, key=lambda d: (d == 1, d)))
+
+
+def parse_topology(spec: str, num_slices: int = 1) -> Topology:
+  """``v5e:16x16``, ``v5p:4x4x4``, ``v4:2x2x2``, ``v6e:8x8`` or a Cloud TPU accelerator type
+  (``v5litepod-256``, ``v5e-256``, ``v5p-128`` (TensorCores), ``v6e-64``, ``v4-32``).
+
+  A leading ``Nx`` (``2xv5e:16x16``) asks for N slices (multi-slice over the data-centre
+  network), as does ``num_slices``.
+  """
+  s = spec.strip().lower()
+  m = re.fullmatch(r"(\d+)x(v.+)", s)
+  if m:
+    num_slices, s = int(m.group(1)), m.group(2)
+  if num_slices < 1:
+    raise CompileError(f"--num_slices={num_slices}: use 1 or more")
+  if any(s.startswith(g) for g in _GPU_NAMES):
+    raise CompileError(
+        f"--topology {spec}: GPU topologies cannot be compiled without the GPUs (JAX has no "
+        "compile-only GPU devices); compile for a TPU topology here, or run `fszjax bench "
+        "pretrain` (benchmarks/gpu.sh) on the GPU machine")
+  m = re.fullmatch(r"(v4|v5e|v5p|v6e|v5litepod|v5lite|v6):(\d+(?:x\d+)*)", s)
+  if m:
+    family = _FAMILIES[m.group(1)]
+    shape = tuple(int(d) for d in m.group(2).split("x"))
+    want = 2 if family in ("v5e", "v6e") else 3
+    if len(shape) != want or min(shape) < 1:
+      example = "v5e:16x16" if want == 2 else f"{family}:4x4x4"
+      raise CompileError(f"--topology {spec}: a {family} slice has {want} dimensions, e.g. "
+                         f"{example}")
+    return Topology(family, shape, num_slices)
+  m = re.fullmatch(r"(v4|v5e|v5p|v6e|v5litepod)-(\d+)", s)
+  if m:
+    family = _FAMILIES[m.group(1)]
+    n = int(m.group(2))
+    if family in ("v4", "v5p"):  # the number counts TensorCores, two per chip
+      if n % 2:
+        raise CompileError(f"--topology {spec}: {family} sizes count TensorCores (even)")
+      n //= 2
+    return Topology(family, _default_shape(family, n), num_slices)
+  raise CompileError(
+      f"--topology {spec}: not a TPU topology; use e.g. v5e:16x16, v6e:8x8, v5p:4x4x4, "
+      "v4:2x2x2 or a Cloud TPU type such as v5litepod-256 or v5p-128")
+
+
+def _prepare_host(topo: Topology) -> None:
+  """Quiets libtpu's search for a real TPU and keeps JAX's own backend on the CPU."""
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.accelerator_type)
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  # Compile-only use needs no exclusive hold on a TPU: skip libtpu's /tmp/libtpu_lockfile
+  # (another JAX process on this host may hold it).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+
+  if not xla_bridge.backends_are_initialized() and not os.environ.get("JAX_PLATFORMS"):
+    jax.config.update("jax_platforms", "cpu")
+
+
+def topology_devices(topo: Topology) -> list:
+  """Compile-only devices of `topo` (needs libtpu)."""
+  _prepare_host(topo)
+  try:
+    import libtpu  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    raise CompileError(
+        "compiling for a TPU topology needs libtpu: pip install -e \".[tpu]\" (or pip install "
+        f"\"jax[tpu]=={jax.__version__}\")") from None
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", **topo.libtpu_kwargs())
+  except Exception as e:  # pylint: disable=broad-except
+    raise CompileError(f"libtpu does not know the topology {topo.name}: "
+                       f"{str(e).splitlines()[0]}; check the slice shape") from None
+  return list(desc.devices)
+
+
+def mesh_for(config, devices: list, num_slices: int = 1) -> Mesh:
+  """The run's ``(data, fsdp, tensor)`` mesh laid out on `devices` as on the real slice.
+
+  With several slices, ``data`` spans the slices (only the gradient reduction of data
+  parallelism crosses the data-centre network); each slice holds ``data / num_slices``.
+  """
+  from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+
+  mc = config.mesh
+  shape = sharding.resolve_mesh_shape(mc.data, mc.fsdp, mc.tensor, len(devices))
+  if num_slices > 1:
+    if shape[0] % num_slices:
+      raise CompileError(
+          f"{num_slices} slices: config.mesh.data={shape[0]} must be a multiple of "
+          f"{num_slices} (data parallelism spans the slices); pass --config.mesh.data="
+          f"{num_slices}")
+    ici = (shape[0] // num_slices, shape[1], shape[2])
+    arr = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices)
+  else:
+    arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  return sharding.make_mesh(*shape, devices=list(arr.flat))
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+  """Collective ops in an HLO module's text (async pairs count once, by their start)."""
+  out = {}
+  for name in COLLECTIVES:
+    out[name] = len(re.findall(rf"\s{re.escape(name)}(?:-start)?\(", hlo_text))
+  return out
+
+
+def per_chip_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded `ShapeDtypeStruct`s / arrays."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) else x.shape
+    total += int(np.prod(shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def _cost(compiled) -> dict:
+  try:
+    c = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  if isinstance(c, (list, tuple)):
+    c = c[0] if c else {}
+  return dict(c or {})
+
+
+_SIZE = re.compile(r"([\d.]+)\s*([KMGT]?)i?B?\b")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int | None:
+  m = _SIZE.fullmatch(text.strip())
+  return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+
+
+def parse_oom(message: str) -> dict:
+  """Figures from the TPU compiler's out-of-memory error (whichever of them it states)."""
+  out = {}
+  for key, pattern in (
+      ("temp_bytes", r"HLO temporaries \(([^)]*)\)"),
+      ("available_bytes", r"available HBM \(([^)]*)\)"),
+      ("used_bytes", r"Used ([\d.]+[KMGT]?) of"),
+      ("available_bytes", r"Used [\d.]+[KMGT]? of ([\d.]+[KMGT]?) hbm"),
+      ("program_bytes", r"program ([\d.]+[KMGT]?)"),
+  ):
+    m = re.search(pattern, message)
+    if m and key not in out:
+      v = _size(m.group(1))
+      if v is not None:
+        out[key] = v
+  return out
+
+
+def _gb(n: float | None) -> str:
+  """Bytes for people: GiB (MiB below 1 GiB), as the TPU compiler and `nvidia-smi` count."""
+  if n is None:
+    return "?"
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def suggest_fixes(config, mesh: Mesh, mem: dict, hbm: int) -> str:
+  """One line naming what would make the step fit, with estimates where they are cheap.
+
+  Temporaries (activations) scale with the examples per chip: fewer examples per chip and
+  gradient accumulation are estimated by scaling them; FSDP over every chip divides the
+  state; a remat policy needs another compile to measure.
+  """
+  budget = hbm * HBM_USABLE
+  args, temps = mem.get("argument_bytes", 0), mem.get("temp_bytes", 0)
+  extra_out = max(mem.get("output_bytes", 0) - mem.get("alias_bytes", 0), 0)
+  need = args + temps + extra_out
+  dp = sharding.batch_size_per_shard(mesh)
+  per_chip = config.batch_size // dp
+  fixes = []
+  remat = config.model.get("remat", "none")
+  if remat in ("none", "save_everything", "dots"):
+    better = "dots_no_batch" if remat == "none" else "full"
+    fixes.append(f"--config.model.remat={better} (or full; compile again to measure)")
+  room = budget - args - extra_out
+  if temps > 0 and room > 0:
+    fit = int(per_chip * room / temps)
+    if 1 <= fit < per_chip:
+      fixes.append(f"--config.batch_size={fit * dp} ({fit} examples per chip, about "
+                   f"{_gb(args + extra_out + temps * fit / per_chip)})")
+    accum = int(config.get("grad_accum", 1))
+    for k in range(max(accum, 1) * 2, per_chip + 1):
+      if per_chip % k == 0 and temps * accum / k <= room:
+        fixes.append(f"--config.grad_accum={k} (same batch, about "
+                     f"{_gb(args + extra_out + temps * accum / k)})")
+        break
+  if mesh.shape["data"] > 1 or mesh.shape["tensor"] > 1:
+    n = mesh.devices.size
+    state = mem.get("state_bytes_total", 0)
+    if state:
+      fixes.append(f"--config.mesh.data=1 --config.mesh.fsdp=-1 (state {_gb(state / n)} instead "
+                   f"of {_gb(mem.get('state_bytes', 0))} per chip)")
+  elif args > budget / 2:
+    fixes.append("a larger slice (more fsdp shards)")
+  head = f"does not fit: about {_gb(need)} per chip of {_gb(hbm)} HBM"
+  return head + "; fixes: " + "; ".join(fixes) if fixes else head + "; use a larger slice"
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = {
+      "argument_bytes": int(m.argument_size_in_bytes),
+      "output_bytes": int(m.output_size_in_bytes),
+      "alias_bytes": int(m.alias_size_in_bytes),
+      "temp_bytes": int(m.temp_size_in_bytes),
+      "generated_code_bytes": int(getattr(m, "generated_code_size_in_bytes", 0) or 0),
+  }
+  out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                       + out["temp_bytes"] + out["generated_code_bytes"])
+  return out
+
+
+def _compile(jitted, *args) -> tuple[Any, float, str | None]:
+  """``(compiled or None, seconds, out-of-memory message or None)``."""
+  t0 = time.perf_counter()
+  try:
+    compiled = jitted.lower(*args).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" in msg or "Ran out of memory" in msg:
+      return None, time.perf_counter() - t0, msg
+    raise
+  return compiled, time.perf_counter() - t0, None
+
+
+def _eval_encoders(config, model: TwoTower, abstract_params, mesh: Mesh, hbm: int) -> dict:
+  """Compiles image and text encoding at the evaluation batch, as the evaluator runs them."""
+  from fszjax.pretrain import input_shapes  # pylint: disable=import-outside-toplevel
+
+  bs = int(config.get("eval", {}).get("batch_size", 256) or 256)
+  img_shape, tok_shape = input_shapes(config, bs)
+  rep = NamedSharding(mesh, P())
+  out = {"batch_size": bs}
+  for name, method, arg in (
+      ("image", TwoTower.encode_image, jax.ShapeDtypeStruct(img_shape, jnp.float32, sharding=rep)),
+      ("text", TwoTower.encode_text, jax.ShapeDtypeStruct(tok_shape, jnp.int32, sharding=rep))):
+    fn = jax.jit(lambda p, x, m=method: model.apply({"params": p}, x, method=m),
+                 out_shardings=rep)
+    with jax.set_mesh(mesh):
+      compiled, secs, oom = _compile(fn, abstract_params, arg)
+    if compiled is None:
+      out[name] = {"fits": False, "compile_s": round(secs, 1), **parse_oom(oom or "")}
+      continue
+    mem = _memory(compiled)
+    out[name] = {"fits": mem.get("peak_bytes", 0) <= hbm * HBM_USABLE,
+                 "compile_s": round(secs, 1), **mem}
+  return out
+
+
+def compile_report(config, topo: Topology, with_eval: bool = True) -> dict:
+  """Compiles the train step (and the evaluation encoders) of `config` for `topo`."""
+  chip = flops.CHIPS[topo.family]
+  devices = topology_devices(topo)
+  mesh = mesh_for(config, devices, topo.num_slices)
+  rules = sharding.rules_from_config(config)
+  sharding.check_global_batch(config.batch_size, mesh)
+  model = build_model(config.model)
+  tx, schedule = pretrain.make_optimizer(config.optim, config.total_steps,
+                                         tuple(config.optim.get("freeze", ()) or ()))
+  abstract = pretrain.abstract_train_state(config, mesh, rules, model)
+  step = pretrain.make_train_step(model, tx, schedule, config, mesh, rules,
+                                  state_shardings=sharding.shardings_of(abstract))
+  img_shape, tok_shape = pretrain.input_shapes(config, config.batch_size)
+  batch = {"image": jax.ShapeDtypeStruct(img_shape, jnp.float32,
+                                         sharding=sharding.batch_sharding(mesh, 4)),
+           "tokens": jax.ShapeDtypeStruct(tok_shape, jnp.int32,
+                                          sharding=sharding.batch_sharding(mesh, 2))}
+  with jax.set_mesh(mesh):
+    compiled, compile_s, oom = _compile(step.jitted, abstract, batch)
+
+  n = mesh.devices.size
+  dp = sharding.batch_size_per_shard(mesh)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+  state_total = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+                    for x in jax.tree.leaves(abstract))
+  accum = int(config.get("grad_accum", 1))
+  model_flops = flops.train_flops_per_step(config.model, config.batch_size)
+  report: dict[str, Any] = {
+      "topology": topo.name, "accelerator_type": topo.accelerator_type, "chip": chip.name,
+      "chips": n, "num_slices": topo.num_slices, "mesh": dict(mesh.shape),
+      "config": config.get("name", ""), "global_batch": int(config.batch_size),
+      "per_chip_batch": int(config.batch_size) // dp, "grad_accum": accum,
+      "remat": config.model.get("remat", "none"), "dtype": config.model.get("dtype", "float32"),
+      "params": n_params, "state_bytes": per_chip_bytes(abstract),
+      "state_bytes_total": state_total, "hbm_bytes": chip.hbm_bytes,
+      "compile_s": round(compile_s, 1),
+      "model_flops_per_step": model_flops, "model_flops_per_chip": model_flops / n,
+  }
+  if compiled is None:
+    found = parse_oom(oom or "")
+    mem = {"argument_bytes": per_chip_bytes((abstract, batch)), **found}
+    if "temp_bytes" not in mem and "used_bytes" in mem:
+      mem["temp_bytes"] = max(mem["used_bytes"] - mem["argument_bytes"], 0)
+    report.update(memory=mem, fits=False, compiler_error=(oom or "").splitlines()[0][:300])
+    report["fix"] = suggest_fixes(config, mesh, {**mem, "state_bytes": report["state_bytes"],
+                                                 "state_bytes_total": state_total},
+                                  chip.hbm_bytes)
+    return report
+
+  mem = _memory(compiled)
+  fits = mem["peak_bytes"] <= chip.hbm_bytes * HBM_USABLE
+  ratio = flops.scan_count_ratio(config.model, config.batch_size, accum)
+  cost = _cost(compiled)
+  xf, xb = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  t_compute = xf * ratio / (chip.peak_tflops * 1e12)
+  t_memory = xb * ratio / (chip.hbm_gbps * 1e9)
+  t_step = max(t_compute, t_memory)
+  report.update(
+      memory=mem, fits=fits,
+      xla_flops_per_chip=xf, xla_bytes_accessed_per_chip=xb, xla_loop_correction=round(ratio, 3),
+      xla_flops_per_chip_corrected=xf * ratio, xla_bytes_per_chip_corrected=xb * ratio,
+      collectives=count_collectives(compiled.as_text()),
+      roofline_step_s=t_step, roofline_bound="compute" if t_compute >= t_memory else "memory",
+      mfu_upper_bound=(model_flops / n) / (chip.peak_tflops * 1e12) / t_step if t_step else None,
+      fix=None if fits else suggest_fixes(
+          config, mesh, {**mem, "state_bytes": report["state_bytes"],
+                         "state_bytes_total": state_total}, chip.hbm_bytes))
+  if with_eval:
+    params = abstract.params
+    report["eval"] = _eval_encoders(config, model, params, mesh, chip.hbm_bytes)
+  return report
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def format_table(r: dict) -> str:
+  """The report as a few aligned lines for people."""
+  mem = r.get("memory", {})
+  rows = [
+      ("topology", f"{r['topology']} ({r['accelerator_type']}, {r['chips']} x {r['chip']}), "
+                   f"mesh {r['mesh']}"),
+      ("batch", f"{r['global_batch']} global, {r['per_chip_batch']} per chip, grad_accum "
+                f"{r['grad_accum']}, remat {r['remat']}, {r['dtype']}"),
+      ("params", f"{r['params'] / 1e6:.1f} M; train state {_gb(r['state_bytes'])} per chip "
+                 f"({_gb(r['state_bytes_total'])} total)"),
+      ("memory/chip", "  ".join(f"{k.removesuffix('_bytes')} {_gb(v)}" for k, v in mem.items())
+       + f"  | HBM {_gb(r['hbm_bytes'])}"),
+      ("fits", str(r["fits"]).lower()),
+  ]
+  if r.get("fix"):
+    rows.append(("fix", r["fix"]))
+  if "collectives" in r:
+    rows.append(("collectives", "  ".join(f"{k} {v}" for k, v in r["collectives"].items())
+                 + "  (static count in the HLO; a loop body counts once)"))
+    rows.append(("flops/chip", f"model {r['model_flops_per_chip'] / 1e12:.2f} T; XLA "
+                 f"{r['xla_flops_per_chip'] / 1e12:.2f} T as counted (loop bodies once), "
+                 f"x{r['xla_loop_correction']} = {r['xla_flops_per_chip_corrected'] / 1e12:.2f} T"))
+    rows.append(("HBM traffic", f"{_gb(r['xla_bytes_per_chip_corrected'])} per chip per step "
+                 f"(XLA, corrected the same way)"))
+    mfu = r["mfu_upper_bound"]
+    rows.append(("roofline", f"{r['roofline_step_s'] * 1e3:.1f} ms/step ({r['roofline_bound']}-"
+                 f"bound), MFU upper bound {mfu:.1%}" if mfu is not None else "n/a"))
+  rows.append(("compile", f"{r['compile_s']:.1f} s"))
+  for name, e in (r.get("eval") or {}).items():
+    if isinstance(e, dict):
+      rows.append((f"eval {name}", f"batch {r['eval']['batch_size']}: peak "
+                   f"{_gb(e.get('peak_bytes', e.get('temp_bytes')))}, fits "
+                   f"{str(e['fits']).lower()}, compile {e['compile_s']} s"))
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(args, overrides) -> int:
+  """`fszjax compile`: prints the JSON report on stdout, the table on stderr. Exit 0 when
+  the train step fits, 1 when it does not."""
+  import json  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  from fszjax import config as config_lib  # pylint: disable=import-outside-toplevel
+
+  topo = parse_topology(args.topology, args.num_slices)
+  cfg = config_lib.load_config(args.config, overrides)
+  report = compile_report(cfg, topo, with_eval=not args.no_eval)
+  line = json.dumps(report, default=float)
+  print(line, flush=True)
+  print(format_table(report), file=sys.stderr, flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(line + "\n")
+  return 0 if report["fits"] else 1
