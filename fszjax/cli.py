@@ -40,8 +40,11 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[st
 
 
 def _setup_runtime(args) -> None:
-  """Configures JAX before its backend starts (device count, platform, multi-host)."""
+  """Configures the log and JAX before its backend starts (device count, platform, multi-host)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  from fszjax import metrics
+
+  metrics.setup_logging()  # fszjax at INFO, third parties at WARNING, no bars off a terminal
   import jax
 
   if args.cpu_devices:

@@ -1,14 +1,105 @@
-"""Metrics: JSONL + TensorBoard writers, a progress bar and learning-curve plots.
+"""Metrics and the log: JSONL + TensorBoard writers, progress with ETA, stage timers,
+learning-curve plots, and the logging setup of the command line.
 
 Only process 0 writes; other processes get no-op writers.
+
+The log (`setup_logging`): fszjax's own loggers at INFO, third-party loggers at WARNING,
+one line per record with a timestamp; progress bars (tqdm, TFDS) and terminal escape codes
+only when stderr is a terminal. Long loops log ``done/total, elapsed, ETA`` lines instead
+(`Progress`), and every stage says what it does and how long it took (`timed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
+import sys
+import time
 from typing import Any, Iterable
+
+log = logging.getLogger("fszjax")
+
+# Third-party loggers that log at INFO (TFDS, absl, Orbax, JAX, grain, ...): WARNING and up.
+THIRD_PARTY_LOGGERS = ("absl", "orbax", "jax", "jaxlib", "tensorflow", "tensorflow_datasets",
+                       "grain", "etils", "matplotlib", "PIL", "fontTools", "urllib3", "h5py",
+                       "torch", "open_clip", "tensorboardX")
+_HANDLER_MARK = "_fszjax_handler"
+
+
+def is_terminal(stream=None) -> bool:
+  """Whether `stream` (default stderr, where the log and progress bars go) is a terminal."""
+  stream = sys.stderr if stream is None else stream
+  try:
+    return bool(stream.isatty())
+  except (AttributeError, ValueError):
+    return False
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+  """Configures the log of a command (idempotent).
+
+  The root logger (every third-party library) is at WARNING, the ``fszjax`` logger at
+  `level`; one stderr handler writes ``HH:MM:SS LEVEL name: message``. When stderr is not
+  a terminal, tqdm bars are disabled (``TQDM_DISABLE``) and TFDS's progress bars too.
+  """
+  root = logging.getLogger()
+  if not any(getattr(h, _HANDLER_MARK, False) for h in root.handlers):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                           datefmt="%H:%M:%S"))
+    setattr(handler, _HANDLER_MARK, True)
+    root.addHandler(handler)
+  root.setLevel(logging.WARNING)
+  logging.getLogger("fszjax").setLevel(level)
+  for name in THIRD_PARTY_LOGGERS:
+    logging.getLogger(name).setLevel(logging.WARNING)
+  if not is_terminal():
+    disable_progress_bars()
+
+
+def disable_progress_bars() -> None:
+  """No tqdm / TFDS progress bars (their carriage returns and escape codes) in this process."""
+  os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it as the default of `disable`
+  if "tensorflow_datasets" in sys.modules:  # only if already imported: it is heavy
+    sys.modules["tensorflow_datasets"].disable_progress_bar()
+
+
+def format_duration(seconds: float) -> str:
+  """``"45.2 s"``, ``"3 min 05 s"``, ``"1 h 02 min"``."""
+  s = max(float(seconds), 0.0)
+  if s < 60:
+    return f"{s:.1f} s"
+  if s < 3600:
+    return f"{int(s // 60)} min {int(s % 60):02d} s"
+  return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+def eta(done: int, total: int, elapsed_s: float) -> str:
+  """Remaining time of a loop at constant speed (``"?"`` before the first item is done)."""
+  if done <= 0 or elapsed_s <= 0:
+    return "?"
+  return format_duration(elapsed_s / done * max(total - done, 0))
+
+
+@contextlib.contextmanager
+def timed(what: str, logger: logging.Logger | None = None, enabled: bool = True):
+  """Logs ``<what> ...`` on entry and ``<what>: done in <time>`` on exit (INFO).
+
+  Yields a dict; the caller may put a ``"result"`` string in it to append to the last line.
+  """
+  logger = logger or log
+  info: dict[str, Any] = {}
+  if enabled:
+    logger.info("%s ...", what)
+  t0 = time.perf_counter()
+  yield info
+  info["seconds"] = time.perf_counter() - t0
+  if enabled:
+    extra = f" ({info['result']})" if info.get("result") else ""
+    logger.info("%s: done in %s%s", what, format_duration(info["seconds"]), extra)
 
 
 def _clean(v):
@@ -79,22 +170,53 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 class Progress:
-  """A tqdm progress bar on process 0 (silent elsewhere or when not a terminal and disabled)."""
+  """Progress of a long loop on process 0 (silent elsewhere or when disabled).
 
-  def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "pretrain"):
+  On a terminal: a tqdm bar. Otherwise (a log file, CI): a plain log line at most every
+  `every_s` seconds, ``<desc>: 120/500 (24%), 1 min 05 s elapsed, ETA 3 min 26 s, loss 2.31``.
+  """
+
+  def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "pretrain",
+               every_s: float = 30.0, terminal: bool | None = None, logger=None):
     self.bar = None
-    if enabled:
+    self.enabled = enabled
+    self.total, self.done, self.initial = int(total), int(initial), int(initial)
+    self.desc, self.every_s = desc, float(every_s)
+    self.logger = logger or log
+    self.postfix: dict = {}
+    self.t0 = self.t_last = time.perf_counter()
+    terminal = is_terminal() if terminal is None else terminal
+    if enabled and terminal and os.environ.get("TQDM_DISABLE", "") in ("", "0"):
       from tqdm import tqdm
 
       self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
                       mininterval=2.0)
 
+  def line(self) -> str:
+    """``desc: done/total (p%), elapsed, ETA[, postfix]``."""
+    elapsed = time.perf_counter() - self.t0
+    pct = 100.0 * self.done / max(self.total, 1)
+    out = (f"{self.desc}: {self.done}/{self.total} ({pct:.0f}%), {format_duration(elapsed)} "
+           f"elapsed, ETA {eta(self.done - self.initial, self.total - self.initial, elapsed)}")
+    if self.postfix:
+      out += ", " + ", ".join(f"{k} {v}" for k, v in self.postfix.items())
+    return out
+
   def update(self, n: int = 1, **postfix):
+    if not self.enabled:
+      return
+    self.done += n
+    if postfix:
+      self.postfix.update({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()})
     if self.bar is not None:
       if postfix:
-        self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
-                              for k, v in postfix.items()}, refresh=False)
+        self.bar.set_postfix(self.postfix, refresh=False)
       self.bar.update(n)
+      return
+    now = time.perf_counter()
+    if n and (now - self.t_last >= self.every_s or self.done >= self.total):
+      self.t_last = now
+      self.logger.info("%s", self.line())
 
   def close(self):
     if self.bar is not None:
@@ -134,11 +256,17 @@ def plot_report(metrics_path: str, out_path: str, title: str = "") -> str:
   for k in zs_keys:
     split = k.split("/")[1]
     xs, ys = _series(rows, k)
-    ax.plot(xs, ys, marker="o", label=f"{split}")
+    ys = [100 * y for y in ys]
+    line, = ax.plot(xs, ys, marker="o", ms=3, label=f"{split}")
+    ci = dict(zip(*_series(rows, f"zeroshot/{split}/top1_ci95")))
+    if ci and all(x in ci for x in xs):
+      ax.fill_between(xs, [y - 100 * ci[x] for x, y in zip(xs, ys)],
+                      [y + 100 * ci[x] for x, y in zip(xs, ys)], color=line.get_color(), alpha=.18)
     chance = _series(rows, f"zeroshot/{split}/chance")[1]
     if chance:
-      ax.axhline(chance[-1], ls=":", color=ax.lines[-1].get_color(), alpha=.6)
-  ax.set_xlabel("step"); ax.set_ylabel("top-1"); ax.set_title("zero-shot accuracy (dotted: chance)")
+      ax.axhline(100 * chance[-1], ls=":", color=line.get_color(), alpha=.6)
+  ax.set_xlabel("step"); ax.set_ylabel("top-1 (%)")
+  ax.set_title("zero-shot accuracy over all classes\n(band: 95% CI; dotted: chance)")
   ax.grid(alpha=.3)
   if zs_keys:
     ax.legend()

@@ -554,9 +554,14 @@ def _train(config, workdir: str, *, stop_at: int | None = None) -> dict:
 
   def run_eval():
     with jax.set_mesh(mesh):
-      return evaluate.run_evaluators(config, model, state.params, tokenizer, arrays_cache=eval_cache)
+      with metrics_lib.timed(f"zero-shot evaluation at step {int(state.step)}", log,
+                             enabled=is_main):
+        return evaluate.run_evaluators(config, model, state.params, tokenizer,
+                                       arrays_cache=eval_cache)
 
-  progress = metrics_lib.Progress(total, start, enabled=is_main and config.get("progress", True))
+  # A bar on a terminal; otherwise the step lines below (with ETA) and one closing line.
+  progress = metrics_lib.Progress(total, start, enabled=is_main and config.get("progress", True),
+                                  every_s=float("inf"))
   t_last, steps_since = time.perf_counter(), 0
   t_start = time.perf_counter()
   last_eval = None
@@ -581,9 +586,10 @@ def _train(config, workdir: str, *, stop_at: int | None = None) -> dict:
           row["examples_per_sec"] = steps_since * config.batch_size / (now - t_last)
           t_last, steps_since = now, 0
           progress.update(0, loss=row["loss"])
-          if is_main and not config.get("progress", True):
-            log.info("step %d/%d loss %.4f i2t_acc %.3f lr %.2e %.1f ex/s", step, total,
-                     row["loss"], row["i2t_acc"], row["lr"], row["examples_per_sec"])
+          if is_main and progress.bar is None:  # no bar (off, or not a terminal): a log line
+            log.info("step %d/%d loss %.4f i2t_acc %.3f lr %.2e %.1f ex/s, ETA %s", step, total,
+                     row["loss"], row["i2t_acc"], row["lr"], row["examples_per_sec"],
+                     metrics_lib.eta(step - start, total - start, now - t_start))
         eval_metrics = None
         if eval_every and (step % eval_every == 0 or step == total):
           evals = run_eval()

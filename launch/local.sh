@@ -53,24 +53,37 @@ on_exit() {
   fi
 }
 trap on_exit EXIT
+# Each stage ends with its wall time, also appended to $RUN/stage_times.tsv (the report's
+# header shows the latest time of each stage).
+stage_done() {
+  local secs=$(( $(date +%s) - $2 ))
+  echo "   $1: done in $(( secs / 60 )) min $(( secs % 60 )) s"
+  printf '%s\t%s\n' "$1" "$secs" >> "$RUN/stage_times.tsv"
+}
 
 echo "== 1/5 prepare Glyphs -> $DATA"
+t=$(date +%s)
 "${FSZ[@]}" prepare glyphs --data_dir "$DATA"
+stage_done prepare "$t"
 
 echo "== 2/5 pretrain (configs/glyphs.py) -> $RUN/pretrain"
 if [[ -f "$RUN/pretrain/summary.json" ]]; then
   echo "   done already (summary.json); --fresh to redo"
 else  # resumes from the last checkpoint after an interruption
+  t=$(date +%s)
   "${FSZ[@]}" pretrain --config configs/glyphs.py --workdir "$RUN/pretrain" \
     --config.data.data_dir="$DATA" --config.progress=False
+  stage_done pretrain "$t"
 fi
 
 if [[ -f "$RUN/adapt/results.json" ]]; then
   echo "== 3/5 few-shot adaptation: done already ($RUN/adapt/results.json)"
 elif [[ -f configs/glyphs_fewshot.py ]]; then
   echo "== 3/5 few-shot adaptation of the pretrained towers -> $RUN/adapt"
+  t=$(date +%s)
   "${FSZ[@]}" adapt --config configs/glyphs_fewshot.py --workdir "$RUN/adapt" \
     --config.init_from="$RUN/pretrain" --config.data.data_dir="$DATA"
+  stage_done adapt "$t"
 fi
 if [[ -f "$RUN/maml_conv4/results.json" ]]; then
   echo "== 4/5 Conv-4 MAML: done already ($RUN/maml_conv4/results.json)"
@@ -80,8 +93,10 @@ elif [[ -f configs/glyphs_maml_conv4.py ]]; then
   # BUILD_NOTES) and the meta-batch, unless the caller chose --cpu_devices.
   DEV=(--cpu_devices 2)
   if [[ " ${EXTRA[*]-} " == *" --cpu_devices"* ]]; then DEV=(); fi
+  t=$(date +%s)
   "${FSZ[@]}" "${DEV[@]+"${DEV[@]}"}" adapt --config configs/glyphs_maml_conv4.py \
     --workdir "$RUN/maml_conv4" --config.data.data_dir="$DATA"
+  stage_done maml_conv4 "$t"
 fi
 
 REPORT=("$VENV/bin/python" -m fszjax.report --run "$RUN" --wall_time_s $(( $(date +%s) - start )))

@@ -47,6 +47,7 @@ Everything is deterministic: same fonts and options -> same dataset.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import glob
@@ -857,8 +858,21 @@ def prepare(options: GlyphsOptions = GlyphsOptions(), data_dir: str | None = Non
   if is_prepared(options, data_dir):
     return dataset_dir(options, data_dir)
   glyphs_cls, _ = builder_class()
-  builder = glyphs_cls(options=options, data_dir=default_data_dir(data_dir), file_format="array_record")
-  builder.download_and_prepare(file_format="array_record")
+  t0 = time.perf_counter()
+  log.info("glyphs: rendering and writing %s into %s", config_name(options), default_data_dir(data_dir))
+  # TFDS prints "Downloading and preparing dataset ..." (nothing is downloaded) and warns
+  # about the custom config at every build: kept out of the log.
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder = glyphs_cls(options=options, data_dir=default_data_dir(data_dir),
+                           file_format="array_record")
+      builder.download_and_prepare(file_format="array_record")
+  finally:
+    absl_log.setLevel(level)
+  log.info("glyphs: prepared in %.1f s", time.perf_counter() - t0)
   return dataset_dir(options, data_dir)
 
 
