@@ -239,11 +239,11 @@ def evaluate_captions(encoder: Encoder, arrays: dict, ks=(1, 5, 10)) -> dict:
 def _remap_to_present(arrays: dict) -> dict:
   """Restricts the class list to the classes present in the split (labels renumbered).
   Arrays without class names (caption data) are returned as they are."""
-  if not arrays.get("class_names"):
-    return arrays
   labels = np.asarray(arrays["label"])
+  if not arrays.get("class_names") or len(labels) == 0:
+    return arrays
   present = np.unique(labels)
-  if len(present) == 0 or present[0] < 0:
+  if present[0] < 0:
     raise EvalDataError("a labelled eval split has examples without a label (-1); check "
                         "data.label_key")
   remap = -np.ones(int(present.max()) + 1, np.int64)

@@ -267,3 +267,13 @@ def test_b16_structure_on_mock_coco_captions_evaluates(config_file, tmp_path):
     assert again["num_images"] == 12 and again["num_texts"] == ret["num_texts"]
     assert all(0.0 <= again[f"t2i_r{k}"] <= 1.0 for k in (1, 5, 10))
     assert again["t2i_r1"] <= again["t2i_r5"] <= again["t2i_r10"]
+
+
+def test_remap_edge_cases():
+  empty = {"image": np.zeros((0, 2)), "label": np.zeros((0,), np.int32), "class_names": ["a"]}
+  assert evaluate._remap_to_present(empty) is empty  # run_evaluators names the empty split
+  unlabelled = {"label": np.asarray([0, -1]), "class_names": ["a", "b"]}
+  with pytest.raises(evaluate.EvalDataError, match="data.label_key"):
+    evaluate._remap_to_present(unlabelled)
+  m = evaluate._remap_to_present({"label": np.asarray([3, 1, 3]), "class_names": list("abcd")})
+  assert m["label"].tolist() == [1, 0, 1] and m["class_names"] == ["b", "d"]
