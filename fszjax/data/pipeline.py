@@ -174,6 +174,11 @@ def _decoders(features, image_key: str, image_decoder: str):
   import tensorflow_datasets as tfds  # noqa: PLC0415
 
   if image_decoder == "tfds":
+    import importlib.util  # noqa: PLC0415
+
+    if importlib.util.find_spec("tensorflow") is None:  # TFDS decodes images with TensorFlow
+      raise DataError("data.image_decoder='tfds' needs TensorFlow: pip install 'fszjax[tfds-images]' "
+                      "(or use data.image_decoder='pil', which needs no TensorFlow)")
     return None
   if image_decoder != "pil":
     raise DataError(f"data.image_decoder={image_decoder!r} is unknown; use 'pil' or 'tfds'")
