@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -40,6 +41,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from fszjax import workdir
 from fszjax.errors import UserError
 
 log = logging.getLogger("fszjax")
@@ -54,32 +56,14 @@ class StorageError(UserError):
   """A checkpoint could not be written (disk full, permission, I/O error)."""
 
 
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
-                   errno.EFBIG}
-# How TensorStore (which writes the arrays, in C++) words the same failures.
-_STORAGE_WORDS = ("No space left", "RESOURCE_EXHAUSTED", "Disk quota", "File too large",
-                  "PERMISSION_DENIED", "Permission denied", "Read-only file system",
-                  "Input/output error", "OS error 28", "OS error 13", "OS error 30", "OS error 5:",
-                  "OS error 27")
+_STORAGE_WORDS = workdir.STORAGE_WORDS
+storage_fault = workdir.storage_fault
 
 
-def storage_fault(e: BaseException) -> str | None:
-  """A short reason if `e` (or its cause/context) is a storage failure, else None."""
-  seen = set()
-  while e is not None and id(e) not in seen:
-    seen.add(id(e))
-    if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
-      return os.strerror(e.errno)
-    text = str(e)
-    for w in _STORAGE_WORDS:
-      if w in text:
-        for full in ("No space left on device", "Disk quota exceeded", "File too large",
-                     "Permission denied", "Read-only file system", "Input/output error"):
-          if full in text:
-            return full
-        return "no space left on device" if w in ("RESOURCE_EXHAUSTED", "OS error 28") else w
-    e = e.__cause__ or e.__context__
-  return None
+# After a failed save, TensorStore writes still in flight finish on a closed event loop
+# or after the interpreter began to exit; these follow-ups of the failure are dropped.
+_AFTERMATH = ("Event loop is closed", "cannot schedule new futures after")
+_failed_save = False
 
 
 class _QuietStorageFaults(logging.Filter):
@@ -94,11 +78,29 @@ class _QuietStorageFaults(logging.Filter):
       text = record.getMessage()
     except Exception:  # pylint: disable=broad-except
       return True
+    if _failed_save and any(w in text for w in _AFTERMATH):
+      return False
     return not any(w in text for w in _STORAGE_WORDS)
 
 
 for _name in ("absl", "asyncio"):
   logging.getLogger(_name).addFilter(_QuietStorageFaults())
+
+
+def _quiet_aftermath() -> None:
+  """From now on, unraisable errors that only echo a failed save are not printed."""
+  global _failed_save
+  if _failed_save:
+    return
+  _failed_save = True
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if any(w in str(unraisable.exc_value) for w in _AFTERMATH):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def _first_line(e: BaseException, n: int = 160) -> str:
@@ -221,13 +223,12 @@ class Checkpointer:
     reason = storage_fault(e)
     if reason is None:
       raise e
+    _quiet_aftermath()
     removed = self._remove_partial(step)
     try:
       self.manager.reload()
     except Exception:  # pylint: disable=broad-except
       pass
-    from fszjax import workdir  # noqa: PLC0415  (same layer; avoids an import cycle at start)
-
     need = 2 * self.state_bytes
     try:
       free = workdir.mb(workdir.free_bytes(self.directory))
@@ -241,8 +242,19 @@ class Checkpointer:
     if self.on_save_error == "retry":
       log.warning("%s; retrying at the next save (config.checkpoint.on_save_error=retry)", msg)
       return
+    self._shutdown_quietly()
     raise StorageError(f"{msg}; rerun the same command to resume, or set "
                        "config.checkpoint.on_save_error=retry to keep training") from None
+
+  def _shutdown_quietly(self) -> None:
+    """Stops Orbax's background threads after a failed save, so that none is left to
+    report the same failure again (as a traceback) while the interpreter exits."""
+    for fn in (self.manager.wait_until_finished, self.manager.close):
+      try:
+        fn()
+      except Exception:  # pylint: disable=broad-except
+        pass
+    self._closed = True
 
   def _remove_partial(self, step: int) -> bool:
     """Deletes the uncommitted (temporary) directory of a failed save of `step`."""
@@ -359,6 +371,8 @@ class Checkpointer:
 
   def wait(self):
     """Waits for an async save; its storage failure is handled as ``on_save_error`` says."""
+    if getattr(self, "_closed", False):
+      return
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
@@ -367,10 +381,14 @@ class Checkpointer:
     self._pending = None
 
   def close(self):
+    if getattr(self, "_closed", False):
+      return
     try:
       self.wait()
     finally:
-      self.manager.close()
+      if not getattr(self, "_closed", False):
+        self.manager.close()
+        self._closed = True
 
 
 def step_dirs(path: str) -> list[str]:

@@ -144,6 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if is_user_error(e):
       print(f"fszjax: error: {e}", file=sys.stderr)
       return 2
+    from fszjax import workdir  # a full disk / read-only file anywhere: one line, not a traceback
+
+    reason = workdir.storage_fault(e)
+    if reason is not None:
+      print(f"fszjax: error: {workdir.describe_storage_error(e, reason)}", file=sys.stderr)
+      return 2
     raise
 
 

@@ -31,6 +31,42 @@ class WorkdirError(UserError):
   """The workdir cannot be used (locked, read-only, full); the message names the fix."""
 
 
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
+                   errno.EFBIG}
+# How TensorStore (which writes the arrays, in C++) words the same failures.
+STORAGE_WORDS = ("No space left", "RESOURCE_EXHAUSTED", "Disk quota", "File too large",
+                  "PERMISSION_DENIED", "Permission denied", "Read-only file system",
+                  "Input/output error", "OS error 28", "OS error 13", "OS error 30", "OS error 5:",
+                  "OS error 27")
+
+
+def storage_fault(e: BaseException) -> str | None:
+  """A short reason if `e` (or its cause/context) is a storage failure, else None."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+      return os.strerror(e.errno)
+    text = str(e)
+    for w in STORAGE_WORDS:
+      if w in text:
+        for full in ("No space left on device", "Disk quota exceeded", "File too large",
+                     "Permission denied", "Read-only file system", "Input/output error"):
+          if full in text:
+            return full
+        return "no space left on device" if w in ("RESOURCE_EXHAUSTED", "OS error 28") else w
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def describe_storage_error(e: BaseException, reason: str) -> str:
+  """One line for a storage failure outside a checkpoint save (config, metrics, ...)."""
+  where = getattr(e, "filename", None)
+  where = f" {where}" if where else ""
+  return (f"storage error on{where} ({reason}); free space or fix permissions there (or pass "
+          "another --workdir), then rerun the same command to resume")
+
+
 def mb(nbytes: float) -> str:
   """Bytes as a short human string ("12.3 MB", "1.50 GB")."""
   if nbytes >= 1e9:
