@@ -5,6 +5,8 @@ The default workload is learn2learn's Omniglot MAML example (and the peer benchm
 norm, 5-way 1-shot, 1 query per class, 5 inner steps (lr 0.4), meta-batch 32, 28x28x1
 random-normal images, Adam 1e-3.
 
+Every result has a ``learn2learn_setting`` line saying whether it ran exactly that setting.
+
 ``tasks_per_sec = meta_batch / median(step time)`` over the timed steps; compilation (the
 first call) and `warmup` further steps are excluded. Output: one JSON line.
 
@@ -52,6 +54,21 @@ DEFAULTS: dict[str, Any] = {
     "strategy": "meta_batch",  # or 'task_loop': jitted single-task grads in a Python loop
     "seed": 0,
 }
+
+
+# learn2learn's benchmark (its Omniglot MAML example; /work/shared/peers/l2l_maml_bench.py and
+# benchmarks/peers.py): the defaults above equal it; every result says whether it ran it.
+LEARN2LEARN_SETTING: dict[str, Any] = {
+    "algorithm": "maml", "first_order": False, "n_way": 5, "k_shot": 1, "q_query": 1,
+    "inner_steps": 5, "inner_lr": 0.4, "meta_batch": 32, "image_size": 28, "channels": 1,
+    "hidden": 64, "layers": 4, "norm": "batch", "outer_lr": 1e-3,
+}
+
+
+def learn2learn_differences(s: Mapping[str, Any]) -> dict[str, Any]:
+  """``{key: (this value, learn2learn's)}`` for each setting that differs from
+  `LEARN2LEARN_SETTING`; empty when the run is learn2learn's benchmark setting."""
+  return {k: (s.get(k), v) for k, v in LEARN2LEARN_SETTING.items() if s.get(k) != v}
 
 
 class BenchError(ValueError):
@@ -240,7 +257,16 @@ def bench_adapt(config: Any = None, **kwargs) -> dict:
       "strategy": s["strategy"], "devices": ndev, "platform": platform,
       "device_kind": jax.devices()[0].device_kind, "steps": s["steps"],
       "jax_version": jax.__version__,
+      "learn2learn_setting": _l2l_note(s),
   }
+
+
+def _l2l_note(s: Mapping[str, Any]) -> str:
+  diff = learn2learn_differences(s)
+  if not diff:
+    return "same as learn2learn's benchmark (comparable with benchmarks/peers.py)"
+  return ("NOT learn2learn's benchmark setting, not comparable with it: "
+          + ", ".join(f"{k}={a!r} (learn2learn {b!r})" for k, (a, b) in diff.items()))
 
 
 def _apply(opt, params, opt_state, grad_sum, t):
