@@ -39,6 +39,15 @@ def get_config(arg=None):
   c.fewshot.meta = ml_collections.ConfigDict(dict(
       enabled=True, algorithm="anil", adapt="head", train_setting="5way5shot", q_query=5,
       meta_batch=4, steps=100, outer_lr=3e-4, first_order=False, remat=False, task_chunk=0))
+  # Adaptation that uses both towers (fszjax/fewshot/transfer.py) on the frozen features:
+  # proto_zs_adapt (head from zero-shot text embeddings + support prototypes, Proto-MAML
+  # style, then SGD) and tip_adapter (training-free support cache + zero-shot logits).
+  # Their hyper-parameters are chosen per setting on `val` (val queries, train supports
+  # from other fonts), never on test splits.
+  c.fewshot.transfer = ml_collections.ConfigDict(dict(
+      enabled=True, val_split="val", val_episodes=300,
+      proto_weights=[0.25, 0.5, 0.75, 1.0], steps=[0, 10, 30], lrs=[0.1, 0.5, 2.0],
+      alphas=[0.25, 0.5, 1.0, 2.0], betas=[1.0, 3.0, 5.5, 10.0]))
   c.log_every = 25
   c.checkpoint = ml_collections.ConfigDict(dict(save_every=50, keep=2, on_save_error="stop"))
   c.fewshot.dg = ml_collections.ConfigDict(dict(

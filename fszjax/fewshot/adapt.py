@@ -448,9 +448,15 @@ def run_towers(config, workdir) -> dict:
   if fcfg.dg.enabled and not dg_on:
     log.info("domain generalisation skipped: none of config.fewshot.dg.splits=%s is evaluated",
              list(fcfg.dg.splits))
-  if dg_on or meta_on:  # loaded once for both
+  transfer_on = bool(fcfg.get("transfer", {}) and fcfg.transfer.get("enabled", False))
+  if dg_on or meta_on or transfer_on:  # loaded once for all
     train = _split_data(encoder, data_cfg, data_cfg.train_split, templates,
                         fcfg.get("max_train_examples", 0) or None, keep_images=meta_on)
+  if transfer_on:
+    tr = _transfer_towers(config, encoder, data_cfg, templates, train, data, scale, bias,
+                          samplers)
+    results["methods"].update(tr.pop("methods"))
+    results.update(tr)
   if meta_on:
     meta = _meta_towers(config, workdir, pre.model, model, params, encoder, train, data, scale,
                         bias, samplers)
@@ -460,6 +466,68 @@ def run_towers(config, workdir) -> dict:
     evals = {sp: data[sp] for sp in fcfg.dg.splits if sp in data}
     results["dg"] = _dg(config, train, evals, scale, bias, fcfg)
   return results
+
+
+def _domain_keys(d: SplitData) -> np.ndarray:
+  return np.asarray(d.domain_names) if d.domain_names is not None else np.asarray(d.domains)
+
+
+def _transfer_towers(config, encoder, data_cfg, templates, train: SplitData,
+                     data: dict[str, SplitData], scale: float, bias: float,
+                     samplers: dict) -> dict:
+  """`fszjax.fewshot.transfer`'s methods on the frozen features: hyper-parameters chosen per
+  setting on ``val`` (queries: val's held-out examples; supports: train examples of the
+  same characters in other fonts), then evaluated on the same episodes as the other
+  methods. Returns ``{"methods": ..., "transfer_selection": {setting: chosen}}``."""
+  from fszjax.fewshot import transfer
+
+  fcfg, tcfg = config.fewshot, config.fewshot.transfer
+  val = _split_data(encoder, data_cfg, tcfg.val_split, templates, None)
+  name_to_train = {n: i for i, n in enumerate(train.class_names)}
+  vy = np.asarray([name_to_train.get(val.class_names[int(l)], -1) for l in val.labels])
+  keep = np.nonzero(vy >= 0)[0]
+  tdom, vdom = _domain_keys(train), _domain_keys(val)[keep]
+  vfeats, tfeats, ttext = val.feats[keep], train.feats, train.text
+  proto_grid = transfer.grid({"proto_weight": list(tcfg.proto_weights), "steps": list(tcfg.steps),
+                              "lr": list(tcfg.lrs)})
+  proto_grid = [c for c in proto_grid if c["steps"] > 0 or c["lr"] == tcfg.lrs[0]]
+  tip_grid = transfer.grid({"alpha": list(tcfg.alphas), "beta": list(tcfg.betas)})
+  chosen, methods = {}, {}
+  for setting in fcfg.settings:
+    n_way, k_shot = parse_setting(setting)
+    eps = transfer.cross_font_episodes(train.labels, tdom, vy[keep], vdom, n_way=n_way,
+                                       k_shot=k_shot, episodes=int(tcfg.val_episodes),
+                                       seed=config.seed + 101)
+    if eps is None:
+      log.warning("transfer: val has too few classes for %s; skipped", setting)
+      continue
+    args = (tfeats[eps["support"]], eps["support_y"], vfeats[eps["query"]], eps["query_y"],
+            ttext[eps["classes"]], np.zeros((1,)), np.zeros((1,)))
+    args = args[:5] + (np.zeros((len(eps["query"]), 1, 1), np.float32),) * 2
+
+    def score(c, m, base):
+      fn = transfer.make_feature_eval(n_way, scale, bias, **{**base, **c})
+      return float(np.mean(np.asarray(fn(*args)[m])))
+
+    tip0 = {"alpha": float(tcfg.alphas[0]), "beta": float(tcfg.betas[0])}
+    pz = transfer.select_on_val(lambda c: score(c, "proto_zs_adapt", tip0), proto_grid,
+                                f"proto_zs_adapt {setting}")
+    tip = transfer.select_on_val(
+        lambda c: score(c, "tip_adapter", {"proto_weight": 1.0, "steps": 0, "lr": 0.0}),
+        tip_grid, f"tip_adapter {setting}")
+    chosen[setting] = {"proto_zs_adapt": pz, "tip_adapter": tip}
+    fn = transfer.make_feature_eval(
+        n_way, scale, bias, float(pz["proto_weight"]), int(pz["steps"]), float(pz["lr"]),
+        float(tip["alpha"]), float(tip["beta"]))
+    for split, d in data.items():
+      sampler = samplers.get((split, setting, config.seed))
+      if sampler is None:
+        continue
+      accs = _episodes_on_features(sampler, int(fcfg.episodes), int(fcfg.episode_batch), fn,
+                                   d.feats, d.text, d.pix)
+      for m, a in accs.items():
+        methods.setdefault(m, {}).setdefault(split, {})[setting] = summarize(a)
+  return {"methods": methods, "transfer_selection": chosen}
 
 
 def towers_meta_cfg(fcfg, scale: float, bias: float) -> meta_lib.MetaConfig:

@@ -95,7 +95,8 @@ def build_image_tower(mcfg) -> vit.ViT:
       dtype=common.to_dtype(mcfg.get("dtype", "float32")),
       param_dtype=common.to_dtype(mcfg.get("param_dtype", "float32")),
       attn_impl=mcfg.get("attn_impl", None) or None,
-      scan_layers=mcfg.get("scan_layers", False), remat=mcfg.get("remat", "none"))
+      scan_layers=mcfg.get("scan_layers", False), remat=mcfg.get("remat", "none"),
+      stem=tuple(int(c) for c in icfg.get("stem", ()) or ()))
 
 
 def build_text_tower(mcfg) -> text.TextTower:

@@ -84,19 +84,26 @@ class ViT(nn.Module):
   attn_impl: str | None = None
   scan_layers: bool = False
   remat: str = "none"
+  stem: tuple[int, ...] = ()  # conv stem channels (`fszjax.models.stem`); () = patch conv
 
   @nn.compact
   def __call__(self, images):
     if images.ndim != 4:
       raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
-    x = nn.Conv(
-        self.width, (self.patch_size, self.patch_size), strides=self.patch_size,
-        padding="VALID", use_bias=self.patch_bias, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="embedding",
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), (None, None, None, "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
-            images.astype(self.dtype))
+    if self.stem:
+      from fszjax.models.stem import ConvStem  # noqa: PLC0415
+
+      x = ConvStem(tuple(self.stem), self.patch_size, self.width, ln_eps=self.ln_eps,
+                   dtype=self.dtype, param_dtype=self.param_dtype, name="stem")(images)
+    else:
+      x = nn.Conv(
+          self.width, (self.patch_size, self.patch_size), strides=self.patch_size,
+          padding="VALID", use_bias=self.patch_bias, dtype=self.dtype,
+          param_dtype=self.param_dtype, name="embedding",
+          kernel_init=nn.with_logical_partitioning(
+              nn.initializers.lecun_normal(), (None, None, None, "embed")),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(
+              images.astype(self.dtype))
     b, h, w, d = x.shape
     x = x.reshape(b, h * w, d)
     if self.pool == "tok":

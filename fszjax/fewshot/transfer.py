@@ -1,0 +1,201 @@
+"""Few-shot adaptation that uses everything a pretrained two-tower model offers.
+
+All functions are pure functions of ONE task (``vmap`` them over episodes):
+
+- `proto_zeroshot_head`: a linear head initialised from the zero-shot text embeddings AND
+  the support prototypes (Proto-MAML's head ``w = 2c, b = -|c|^2`` mixed with the text
+  classifier ``scale * text``). Weight 1 gives ProtoNets' decision rule exactly, weight 0
+  the zero-shot classifier; SGD on the support set then fine-tunes it (`proto_zeroshot_adapt`).
+- `tip_adapter_logits`: training-free (Tip-Adapter, Zhang et al. 2022): the zero-shot
+  logits plus ``alpha * exp(-beta (1 - cos(query, support))) @ onehot(support labels)``.
+- `lp_ft`: LP-FT (Kumar et al. 2022): a linear probe on frozen features, then fine-tuning
+  of the head and the last k image-tower blocks (`fszjax.fewshot.inner.adapt_mask`) from
+  that probe.
+- `tower_finetune`: the `proto_zeroshot_head` fine-tuned together with the last k blocks
+  (or the whole tower) in the inner loop, i.e. first-order Proto-MAML over the towers.
+
+Hyper-parameters are chosen by `select_on_val` on episodes whose queries are the ``val``
+split's held-out examples and whose supports come from the train split in other fonts
+(`cross_font_episodes`): never on test splits.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fszjax.fewshot import inner as inner_lib
+
+log = logging.getLogger("fszjax")
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+def proto_head(fs: jax.Array, ys: jax.Array, n_way: int) -> dict:
+  """ProtoNets as a linear head: logits ``2 f.c - |c|^2 = |f|^2 - |f - c|^2``."""
+  return inner_lib.prototype_head(fs, ys, n_way)
+
+
+def proto_zeroshot_head(fs: jax.Array, ys: jax.Array, text: jax.Array, n_way: int,
+                        scale: float, bias: float, proto_weight: float) -> dict:
+  """``(1 - a) * zero-shot head + a * scale * ProtoNets head`` (a = proto_weight).
+
+  Both parts are linear in the (normalised) features, so the sum is one linear head that
+  SGD can fine-tune; ``scale`` (the model's logit scale) puts the prototype logits on the
+  zero-shot logits' temperature.
+  """
+  zs = inner_lib.zeroshot_head(text, scale, bias)
+  ph = proto_head(fs, ys, n_way)
+  a = proto_weight
+  return {"w": (1.0 - a) * zs["w"] + a * scale * ph["w"],
+          "b": (1.0 - a) * zs["b"] + a * scale * ph["b"]}
+
+
+def proto_zeroshot_adapt(fs, ys, fq, text, n_way: int, scale: float, bias: float,
+                         proto_weight: float, steps: int, lr: float) -> jax.Array:
+  """Query logits of `proto_zeroshot_head` after `steps` SGD steps on the support set."""
+  head0 = proto_zeroshot_head(fs, ys, text, n_way, scale, bias, proto_weight)
+  head, _ = inner_lib.inner_loop(
+      lambda h: inner_lib.cross_entropy(inner_lib.linear_head(h, fs), ys), head0,
+      steps=steps, lr=lr, first_order=True)
+  return inner_lib.linear_head(head, fq)
+
+
+def tip_adapter_logits(fs, ys, fq, text, n_way: int, scale: float, bias: float,
+                       alpha: float, beta: float) -> jax.Array:
+  """Zero-shot logits + ``alpha * scale * exp(-beta (1 - fq.fs)) @ onehot(ys)``.
+
+  Features are L2-normalised. alpha = 0 (or beta = 0 with balanced shots, where every
+  class gets the same cache score) gives the zero-shot classifier exactly.
+  """
+  zs = scale * fq @ inner_lib.l2_normalize(text).T + bias
+  aff = jnp.exp(-beta * (1.0 - fq @ fs.T))  # (Q, S)
+  cache = aff @ jax.nn.one_hot(ys, n_way, dtype=fq.dtype)  # (Q, N)
+  return zs + alpha * scale * cache
+
+
+FEATURE_METHODS = ("proto_zs_adapt", "tip_adapter")
+
+
+@functools.lru_cache(maxsize=None)
+def make_feature_eval(n_way: int, scale: float, bias: float, proto_weight: float, steps: int,
+                      lr: float, alpha: float, beta: float) -> Callable:
+  """jitted ``f(fs, ys, fq, yq, text, ps, pq) -> {method: acc (T,)}`` over T tasks (the
+  signature of `fszjax.fewshot.adapt.make_episode_eval`) for `FEATURE_METHODS`."""
+
+  def one(fs, ys, fq, yq, text, ps, pq):
+    del ps, pq
+    pz = proto_zeroshot_adapt(fs, ys, fq, text, n_way, scale, bias, proto_weight, steps, lr)
+    tip = tip_adapter_logits(fs, ys, fq, text, n_way, scale, bias, alpha, beta)
+    return {"proto_zs_adapt": inner_lib.accuracy(pz, yq),
+            "tip_adapter": inner_lib.accuracy(tip, yq)}
+
+  return jax.jit(jax.vmap(one))
+
+
+# ----------------------------------------------------------------------------- towers
+
+
+def lp_ft(features_fn: Callable, backbone: Any, task: dict, *, n_way: int, scale: float,
+          lp_steps: int, lp_lr: float, ft_steps: int, ft_lr: float, adapt: Any) -> jax.Array:
+  """LP-FT: linear probe (from zeros, on ``scale`` x frozen features), then `ft_steps` SGD
+  steps of the head and the part of the tower `adapt` selects. Returns query logits."""
+  xs, ys = task["support_x"], task["support_y"]
+  fs = jax.lax.stop_gradient(features_fn(backbone, xs))
+  zero = inner_lib.zeros_head(fs.shape[-1], n_way, fs.dtype)
+  probe, _ = inner_lib.inner_loop(
+      lambda h: inner_lib.cross_entropy(inner_lib.linear_head(h, fs * scale), ys), zero,
+      steps=lp_steps, lr=lp_lr, first_order=True)
+  head = {"w": probe["w"] * scale, "b": probe["b"]}
+  return _finetune(features_fn, backbone, head, task, steps=ft_steps, lr=ft_lr, adapt=adapt)
+
+
+def tower_finetune(features_fn: Callable, backbone: Any, task: dict, *, n_way: int,
+                   scale: float, bias: float, proto_weight: float, steps: int, lr: float,
+                   adapt: Any) -> jax.Array:
+  """`proto_zeroshot_head` (from the support features and ``task['text_emb']``), then
+  `steps` SGD steps of the head and the part of the tower `adapt` selects (an int k: the
+  last k blocks; 'all': the whole tower). Returns query logits."""
+  fs = features_fn(backbone, task["support_x"])
+  head = proto_zeroshot_head(fs, task["support_y"], task["text_emb"], n_way, scale, bias,
+                             proto_weight)
+  return _finetune(features_fn, backbone, head, task, steps=steps, lr=lr, adapt=adapt)
+
+
+def _finetune(features_fn, backbone, head, task, *, steps, lr, adapt):
+  params = jax.lax.stop_gradient({"backbone": backbone, "head": head})
+  mask = inner_lib.adapt_mask(params, adapt)
+  xs, ys = task["support_x"], task["support_y"]
+  adapted, _ = inner_lib.inner_loop(
+      lambda p: inner_lib.cross_entropy(inner_lib.apply_model(features_fn, p, xs), ys),
+      params, steps=steps, lr=lr, mask=mask, first_order=True)
+  return inner_lib.apply_model(features_fn, adapted, task["query_x"])
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def cross_font_episodes(support_labels: np.ndarray, support_domains: np.ndarray,
+                        query_labels: np.ndarray, query_domains: np.ndarray, *, n_way: int,
+                        k_shot: int, episodes: int, seed: int) -> dict | None:
+  """Episodes whose single query per class comes from one pool (e.g. ``val``) and whose k
+  support examples come from another (e.g. ``train``) in fonts other than the query's.
+
+  Returns ``{"support": (T, N*k) indices into the support pool, "support_y": (T, N*k),
+  "query": (T, N) indices into the query pool, "query_y": (T, N), "classes": (T, N)}``
+  (classes in the shared label space), or None when fewer than n_way classes qualify.
+  """
+  rng = np.random.default_rng(seed)
+  by_class: dict[int, np.ndarray] = {}
+  for c in np.unique(support_labels):
+    by_class[int(c)] = np.nonzero(support_labels == c)[0]
+  ok = [i for i, (c, d) in enumerate(zip(query_labels, query_domains))
+        if int(c) in by_class and np.sum(support_domains[by_class[int(c)]] != d) >= k_shot]
+  by_q: dict[int, list[int]] = {}
+  for i in ok:
+    by_q.setdefault(int(query_labels[i]), []).append(i)
+  classes = sorted(by_q)
+  if len(classes) < n_way:
+    return None
+  out = {k: [] for k in ("support", "support_y", "query", "query_y", "classes")}
+  for _ in range(episodes):
+    cls = rng.choice(classes, n_way, replace=False)
+    sup, sy, qry = [], [], []
+    for j, c in enumerate(cls):
+      q = int(rng.choice(by_q[int(c)]))
+      pool = by_class[int(c)]
+      pool = pool[support_domains[pool] != query_domains[q]]
+      sup.extend(rng.choice(pool, k_shot, replace=False))
+      sy.extend([j] * k_shot)
+      qry.append(q)
+    out["support"].append(sup)
+    out["support_y"].append(sy)
+    out["query"].append(qry)
+    out["query_y"].append(list(range(n_way)))
+    out["classes"].append(cls)
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+def grid(spec: dict[str, Sequence]) -> list[dict]:
+  """All combinations of a ``{name: values}`` grid, in order."""
+  names = list(spec)
+  return [dict(zip(names, vals)) for vals in itertools.product(*(spec[n] for n in names))]
+
+
+def select_on_val(score: Callable[[dict], float], candidates: list[dict], what: str) -> dict:
+  """The candidate with the best ``score`` (ties: the first); logs the table."""
+  best, best_s = None, -np.inf
+  for cand in candidates:
+    s = float(score(cand))
+    log.info("val selection %s %s: %.4f", what, cand, s)
+    if s > best_s + 1e-9:
+      best, best_s = cand, s
+  log.info("val selection %s: chose %s (%.4f)", what, best, best_s)
+  return dict(best, val_acc=best_s)
