@@ -421,6 +421,24 @@ class LossMonitor:
     self.last_ok = max(self.last_ok, step)
 
 
+def throughput_fields(config, mesh: Mesh, steps: int, seconds: float,
+                      peak_tflops: float | None = None) -> dict:
+  """``model_tflops_per_device``: the analytic model FLOPs of `steps` train steps
+  (`flops.train_flops_per_step`, recomputation not counted) per device per second, and
+  ``mfu`` (that over the chip's peak dense bf16 TFLOP/s) where the peak is known: given,
+  or from the device kind on an accelerator (none on the CPU)."""
+  from fszjax import flops
+
+  per_step = flops.train_flops_per_step(config.model, int(config.batch_size)) / 1e12
+  achieved = per_step * steps / max(seconds, 1e-9) / mesh.devices.size
+  out = {"model_tflops_per_device": achieved}
+  if peak_tflops is None and jax.default_backend() != "cpu":
+    peak_tflops = flops.peak_tflops(mesh.devices.flat[0].device_kind)
+  if peak_tflops:
+    out["mfu"] = achieved / peak_tflops
+  return out
+
+
 def _finite_or_raise(loss: float, step: int, monitor: LossMonitor) -> None:
   """Raises `TrainingDiverged` if `loss` (of `step`) is non-finite or a spike."""
   monitor.check(loss, step)
@@ -584,6 +602,7 @@ def _train(config, workdir: str, *, stop_at: int | None = None) -> dict:
           now = time.perf_counter()
           row = {k: float(v) for k, v in host.items()}
           row["examples_per_sec"] = steps_since * config.batch_size / (now - t_last)
+          row.update(throughput_fields(config, mesh, steps_since, now - t_last))
           t_last, steps_since = now, 0
           progress.update(0, loss=row["loss"])
           if is_main and progress.bar is None:  # no bar (off, or not a terminal): a log line

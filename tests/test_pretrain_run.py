@@ -270,3 +270,19 @@ def test_init_from_copies_image_tower(reference_run, gdir, tmp_path):
   a, b = checkpoint.load_params_numpy(src), checkpoint.load_params_numpy(wd)
   assert max_abs_diff(a["img"], b["img"]) == 0.0  # copied and frozen
   assert max_abs_diff(a["txt"], b["txt"]) > 0.0
+
+
+def test_metrics_rows_have_model_tflops_per_device(reference_run):
+  from fszjax import flops
+
+  wd, _ = reference_run
+  cfg = config_lib.load_config(os.path.join(wd, "config.json"))
+  per_step = flops.train_flops_per_step(cfg.model, cfg.batch_size) / 1e12
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    rows = [r for r in map(json.loads, f) if "loss" in r]
+  assert len(rows) == 12  # log_every=1
+  for r in rows:
+    # Achieved model TFLOP/s per device = FLOPs per step x steps/s over the 8 devices.
+    want = per_step * r["examples_per_sec"] / cfg.batch_size / 8
+    assert r["model_tflops_per_device"] == pytest.approx(want, rel=1e-6)
+    assert "mfu" not in r  # no known peak for a CPU

@@ -99,3 +99,15 @@ def test_bench_same_loss_on_one_and_eight_devices():
   assert r1["mfu"] is None and r1["model_tflops_per_step"] > 0
   assert bench.bench_pretrain(cfg, steps=2, peak_tflops=1.0,
                               devices=jax.devices()[:1])["mfu"] > 0
+
+
+def test_throughput_fields_model_tflops_and_mfu():
+  from fszjax import flops
+
+  cfg = tiny_config()
+  mesh = mesh_of((2, 2, 2))
+  per_step = flops.train_flops_per_step(cfg.model, cfg.batch_size) / 1e12
+  out = pretrain.throughput_fields(cfg, mesh, steps=4, seconds=2.0)
+  assert out == {"model_tflops_per_device": pytest.approx(per_step * 2 / 8)}  # CPU: no peak
+  out = pretrain.throughput_fields(cfg, mesh, steps=4, seconds=2.0, peak_tflops=1e-6)
+  assert out["mfu"] == pytest.approx(out["model_tflops_per_device"] / 1e-6)
