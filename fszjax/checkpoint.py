@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from typing import Any
 
@@ -101,6 +102,19 @@ def _quiet_aftermath() -> None:
     previous(unraisable)
 
   sys.unraisablehook = hook
+
+
+def _join_save_threads(timeout_s: float = 60.0) -> None:
+  """Waits for Orbax's background save threads (a failed save leaves some running)."""
+  deadline = time.time() + timeout_s
+  for t in threading.enumerate():
+    if t is threading.current_thread() or t.daemon and not type(t).__module__.startswith("orbax"):
+      continue
+    if type(t).__module__.startswith("orbax") or t.name.startswith("asyncio_"):
+      try:
+        t.join(max(0.0, deadline - time.time()))
+      except Exception:  # pylint: disable=broad-except
+        pass  # Orbax's threads re-raise the failure being handled
 
 
 def _first_line(e: BaseException, n: int = 160) -> str:
@@ -224,6 +238,7 @@ class Checkpointer:
     if reason is None:
       raise e
     _quiet_aftermath()
+    _join_save_threads()  # writes still in flight would fail again in a removed directory
     removed = self._remove_partial(step)
     try:
       self.manager.reload()

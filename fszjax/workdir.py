@@ -96,9 +96,12 @@ def check_writable(path: str) -> None:
       f.write(b"ok")
     os.remove(probe)
   except OSError as e:
-    raise WorkdirError(
-        f"workdir {path} is not writable ({e.strerror}); fix its permissions (chmod u+w), "
-        "remount it read-write, or pass another --workdir") from None
+    raise WorkdirError(_not_writable(path, e)) from None
+
+
+def _not_writable(path: str, e: OSError) -> str:
+  return (f"workdir {path} is not writable ({e.strerror}); fix its permissions (chmod -R u+w), "
+          "remount it read-write, or pass another --workdir")
 
 
 def free_bytes(path: str) -> int:
@@ -134,8 +137,7 @@ class WorkdirLock:
     try:
       fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-      raise WorkdirError(f"workdir {self.path} is not writable ({e.strerror}); fix its "
-                         "permissions, remount it read-write, or pass another --workdir") from None
+      raise WorkdirError(_not_writable(self.path, e)) from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
