@@ -14,63 +14,38 @@ import os
 import sys
 from typing import Sequence
 
-PREFIX = "--config."
+# Set before JAX / TensorFlow load their C++ runtimes, which read it once.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# pylint: disable=wrong-import-position
+import jax  # noqa: E402
 
-def split_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
-  """Splits ``--config.a.b=v`` / ``--config.a.b v`` pairs from the other arguments."""
-  overrides, rest = [], []
-  i = 0
-  while i < len(argv):
-    a = argv[i]
-    if a.startswith(PREFIX):
-      body = a[len(PREFIX):]
-      if "=" in body:
-        k, v = body.split("=", 1)
-      else:
-        if i + 1 >= len(argv):
-          raise SystemExit(f"fszjax: error: {a} needs a value: {a}=VALUE")
-        k, v = body, argv[i + 1]
-        i += 1
-      overrides.append((k, v))
-    else:
-      rest.append(a)
-    i += 1
-  return overrides, rest
+from fszjax import aot, bench, metrics, multihost, train_cli, workdir  # noqa: E402
+from fszjax.config import split_overrides  # noqa: E402
+from fszjax.convert import cli as convert_cli  # noqa: E402
+from fszjax.data import cli as data_cli  # noqa: E402
+from fszjax.errors import is_user_error  # noqa: E402
+from fszjax.fewshot import bench as fewshot_bench  # noqa: E402
+from fszjax.fewshot import cli as fewshot_cli  # noqa: E402
 
 
 def _setup_runtime(args) -> None:
   """Configures the log and JAX before its backend starts (device count, platform, multi-host)."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  from fszjax import metrics
-
   metrics.setup_logging()  # fszjax at INFO, third parties at WARNING, no bars off a terminal
-  import jax
-
   if args.cpu_devices:
     jax.config.update("jax_num_cpu_devices", int(args.cpu_devices))
   if args.platform:
     jax.config.update("jax_platforms", args.platform)
-  try:
-    from fszjax import multihost
-  except ImportError:
-    return
   multihost.initialize_from_args(args)
 
 
 def _cmd_bench(args, overrides) -> int:
   if args.what == "pretrain":
-    from fszjax import bench
-
     return bench.main(args, overrides)
-  from fszjax.fewshot import bench as fbench
-
-  return fbench.main(args, overrides)
+  return fewshot_bench.main(args, overrides)
 
 
 def _cmd_compile(args, overrides) -> int:
-  from fszjax import aot
-
   return aot.main(args, overrides)
 
 
@@ -86,6 +61,7 @@ def _add_compile_parser(sub) -> None:
                       "multiple)")
   c.add_argument("--no_eval", action="store_true", help="skip compiling the evaluation encoders")
   c.add_argument("--out", default="", help="also write the JSON report to this file")
+  c.add_argument("--dump_hlo", default="", help="write the compiled train step's HLO text here")
   c.set_defaults(func=_cmd_compile)
 
 
@@ -95,12 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--cpu_devices", type=int, default=int(os.environ.get("FSZJAX_CPU_DEVICES", 0)),
                  help="simulate N CPU devices (sharding on a machine without accelerators)")
   p.add_argument("--platform", default=None, help="force a JAX platform: cpu, gpu, tpu")
-  try:
-    from fszjax import multihost
-
-    multihost.add_flags(p)
-  except ImportError:
-    pass
+  multihost.add_flags(p)
   sub = p.add_subparsers(dest="command", required=True)
 
   b = sub.add_parser("bench", help="benchmarks on synthetic data (no dataset needed)")
@@ -112,17 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
   b.set_defaults(func=_cmd_bench)
   _add_compile_parser(sub)
 
-  for module, adder in (("fszjax.data.cli", "add_prepare_parser"),
-                        ("fszjax.train_cli", "add_parsers"),
-                        ("fszjax.fewshot.cli", "add_parsers"),
-                        ("fszjax.convert.cli", "add_parsers")):
-    try:
-      mod = __import__(module, fromlist=[adder])
-    except ImportError as e:
-      if module.replace(".", "/") not in str(e) and module not in str(e):
-        raise
-      continue
-    getattr(mod, adder)(sub)
+  data_cli.add_prepare_parser(sub)
+  train_cli.add_parsers(sub)
+  fewshot_cli.add_parsers(sub)
+  convert_cli.add_parsers(sub)
   return p
 
 
@@ -139,13 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           file=sys.stderr)
     return 130
   except Exception as e:  # pylint: disable=broad-except
-    from fszjax.errors import is_user_error
-
     if is_user_error(e):
       print(f"fszjax: error: {e}", file=sys.stderr)
       return 2
-    from fszjax import workdir  # a full disk / read-only file anywhere: one line, not a traceback
-
+    # A full disk / read-only file anywhere: one line, not a traceback.
     reason = workdir.storage_fault(e)
     if reason is not None:
       print(f"fszjax: error: {workdir.describe_storage_error(e, reason)}", file=sys.stderr)

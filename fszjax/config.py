@@ -9,22 +9,48 @@ Unknown keys give a one-line error with the closest valid keys.
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib.util
 import json
 import os
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import ml_collections
 
-PREFIX = "--config."
-
-
 from fszjax.errors import UserError
+
+# The command-line prefix of a config override: ``--config.optim.lr=1e-3``.
+OVERRIDE_PREFIX = "--config."
+
+# Values of ``config.loss`` (the contrastive losses of `fszjax.losses`).
+LOSSES = ("clip", "siglip")
 
 
 class ConfigError(UserError):
   """A config file or override is wrong; the message names the fix."""
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+  """Splits ``--config.a.b=v`` / ``--config.a.b v`` pairs from the other arguments."""
+  overrides, rest = [], []
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith(OVERRIDE_PREFIX):
+      body = a[len(OVERRIDE_PREFIX):]
+      if "=" in body:
+        k, v = body.split("=", 1)
+      else:
+        if i + 1 >= len(argv):
+          raise SystemExit(f"fszjax: error: {a} needs a value: {a}=VALUE")
+        k, v = body, argv[i + 1]
+        i += 1
+      overrides.append((k, v))
+    else:
+      rest.append(a)
+    i += 1
+  return overrides, rest
 
 
 def _flat_keys(cfg, prefix=""):
@@ -125,8 +151,6 @@ def load_config(spec: str, overrides: Iterable[str | tuple[str, str]] = ()) -> m
   pairs = []
   for o in overrides:
     if isinstance(o, str):
-      from fszjax.cli import split_overrides  # pylint: disable=import-outside-toplevel
-
       p, _ = split_overrides([o])
       pairs.extend(p)
     else:
@@ -139,10 +163,8 @@ def load_config(spec: str, overrides: Iterable[str | tuple[str, str]] = ()) -> m
 
 def validate(cfg) -> None:
   """Cheap structural checks with one-line errors."""
-  from fszjax import losses  # local import: keeps this module light
-
-  if "loss" in cfg and cfg.loss not in losses.LOSSES:
-    raise ConfigError(f"config.loss={cfg.loss!r}: use one of {losses.LOSSES}")
+  if "loss" in cfg and cfg.loss not in LOSSES:
+    raise ConfigError(f"config.loss={cfg.loss!r}: use one of {LOSSES}")
   if cfg.get("loss") == "siglip" and "model" in cfg and not cfg.model.get("logit_bias", False):
     raise ConfigError("config.loss=siglip needs a logit bias: set --config.model.logit_bias=True")
   if "batch_size" in cfg and cfg.batch_size <= 0:
@@ -225,14 +247,8 @@ def resolve_paths(cfg, base_dir: str) -> None:
     here = os.path.join(base_dir, value)
     if not os.path.exists(here) and os.path.exists(value):
       here = os.path.abspath(value)  # an older config.json: relative to where it was run
-    with parent.ignore_type() if hasattr(parent, "ignore_type") else _nullcontext():
+    with parent.ignore_type() if hasattr(parent, "ignore_type") else contextlib.nullcontext():
       parent[key] = here
-
-
-def _nullcontext():
-  import contextlib  # noqa: PLC0415
-
-  return contextlib.nullcontext()
 
 
 def save_config(cfg, path: str) -> None:

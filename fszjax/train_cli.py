@@ -5,6 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+
+import jax
+
+from fszjax import checkpoint as ckpt_lib
+from fszjax import config as config_lib
+from fszjax import evaluate, inference, pretrain, sharding
+from fszjax import workdir as workdir_lib
+from fszjax.data import pipeline
 
 
 def _logging():
@@ -15,16 +24,9 @@ def _logging():
 
 
 def _cmd_pretrain(args, overrides) -> int:
-  from fszjax import config as config_lib
-  from fszjax import pretrain
-
   _logging()
   cfg = config_lib.load_config(args.config, overrides)
   if args.fresh and os.path.isdir(args.workdir):
-    import shutil
-
-    from fszjax import workdir as workdir_lib
-
     holder = workdir_lib.is_locked(args.workdir)
     if holder:  # never delete the workdir of a running run
       raise workdir_lib.WorkdirError(f"--fresh: workdir {args.workdir} is in use by another run "
@@ -32,8 +34,6 @@ def _cmd_pretrain(args, overrides) -> int:
 
     shutil.rmtree(args.workdir)
   summary = pretrain.train(cfg, args.workdir, stop_at=args.stop_at)
-  import jax
-
   if summary.get("stopped_early") or jax.process_index() != 0:
     return 0
   zs = summary.get("zeroshot", {})
@@ -47,18 +47,9 @@ def _cmd_pretrain(args, overrides) -> int:
 def evaluate_checkpoint(workdir: str | None, checkpoint: str | None, overrides=(), devices=None,
                         out_path: str | None = None) -> dict:
   """Restores a checkpoint on this machine's mesh and runs the evaluators."""
-  import jax
-
-  from fszjax import checkpoint as ckpt_lib
-  from fszjax import config as config_lib
-  from fszjax import evaluate, pretrain, sharding
-
   src = checkpoint or workdir
   if src is None:
     raise config_lib.ConfigError("pass --workdir or --checkpoint")
-  from fszjax import inference
-  from fszjax.data import pipeline
-
   step_dir = ckpt_lib.resolve_step_dir(src)
   # config.json of the workdir (paths resolved against it), else the checkpoint's own.
   try:

@@ -51,7 +51,7 @@ def test_bad_values_are_one_line_errors():
 
 
 def test_cli_splits_overrides_anywhere():
-  overrides, rest = cli.split_overrides(
+  overrides, rest = config_lib.split_overrides(
       ["bench", "pretrain", "--config.loss", "clip", "--config", "c.py", "--config.mesh.data=2"])
   assert overrides == [("loss", "clip"), ("mesh.data", "2")]
   assert rest == ["bench", "pretrain", "--config", "c.py"]
