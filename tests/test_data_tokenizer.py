@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from fszjax.data import tokenizer as T
+from fszjax.text import sentencepiece as T
 
 TEXTS = [
     "latin small letter a", "latin capital letter a with acute", "greek small letter alpha",

@@ -15,7 +15,8 @@ from open_clip.convert import load_big_vision_weights  # noqa: E402
 import fszjax  # noqa: E402
 from fszjax import cli  # noqa: E402
 from fszjax.convert import big_vision as bv  # noqa: E402
-from fszjax.convert import common, tokenizers  # noqa: E402
+from fszjax import text as tokenizers  # noqa: E402
+from fszjax.convert import common  # noqa: E402
 
 # A SigLIP-shaped model, small: image 32px, patch 8, width 64, 2 blocks, 4 heads, MAP head,
 # no image head (embedding = width, as SigLIP); text width 48, 2 blocks, 4 heads, vocab 100,

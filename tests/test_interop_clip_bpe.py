@@ -7,8 +7,8 @@ import pytest
 
 open_clip = pytest.importorskip("open_clip")
 
-from fszjax.convert import tokenizers  # noqa: E402
-from fszjax.data import clip_bpe  # noqa: E402
+from fszjax import text as tokenizers  # noqa: E402
+from fszjax.text import clip_bpe  # noqa: E402
 
 TEXTS = [
     "a photo of a cat.", "Hello, World!! 123 don't we'll",

@@ -13,7 +13,7 @@ from flax import linen as nn
 import fszjax
 from fszjax import inference
 from fszjax.convert import common
-from fszjax.data import tokenizer as tokenizer_lib
+from fszjax.text import sentencepiece as tokenizer_lib
 from fszjax.models.two_tower import TwoTower, build_model
 from helpers import tiny_config
 

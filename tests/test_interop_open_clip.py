@@ -145,7 +145,7 @@ def test_vit_b32_parity():
   sd = {k: v.numpy() for k, v in tm.state_dict().items()}
   cfg = oc.fszjax_config(oc_cfg, name, bpe_path="")
   flat = common.fit_to_model(oc.import_state_dict(sd, oc_cfg, name), cfg, name)
-  from fszjax.data import clip_bpe
+  from fszjax.text import clip_bpe
 
   model = inference.Model(cfg, common.unflatten(flat), tokenizer=clip_bpe.ClipBpeTokenizer.from_file())
   tokens = model.tokenize(["a diagram", "a photo of a dog"])
@@ -203,7 +203,7 @@ def test_export_loads_in_open_clip_and_reimports_bitwise(tmp_path):
 
 
 def open_clip_bpe():
-  from fszjax.data import clip_bpe
+  from fszjax.text import clip_bpe
 
   return clip_bpe.find_bpe_file()
 

@@ -2,7 +2,6 @@
 
   open_clip.py    open_clip ViT CLIP <-> fszjax (import + export)
   big_vision.py   big_vision two-tower .npz (SigLIP, LiT) -> fszjax
-  tokenizers.py   tokenizers of imported models (CLIP BPE, big_vision SentencePiece)
   common.py       safe weight readers, param-tree helpers, writing a converted workdir
   cli.py          `fszjax convert ...`
 """

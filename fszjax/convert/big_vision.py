@@ -251,11 +251,11 @@ def convert(weights: str, out_dir: str, *, tokenizer: str | None = None, image_s
             overwrite: bool = False) -> str:
   """Converts a big_vision two-tower .npz (+ its SentencePiece .model) to a fszjax
   directory. Returns the output directory."""
-  from fszjax.convert import tokenizers  # noqa: PLC0415
+  from fszjax import text  # noqa: PLC0415
 
   tok = None
   if tokenizer:
-    tok = tokenizers.BigVisionTokenizer.from_file(tokenizer, eos=text_eos, pad_value=text_pad,
+    tok = text.BigVisionTokenizer.from_file(tokenizer, eos=text_eos, pad_value=text_pad,
                                                   clean=text_clean)
   flat = load_params(weights)
   model_cfg = infer_model_config(flat, image_size=image_size, text_pool=text_pool, act=act)

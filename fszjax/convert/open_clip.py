@@ -509,7 +509,7 @@ def convert(model: str | Mapping, weights: str, out_dir: str, *, quick_gelu: boo
   vocabulary). ``model``: a name from `MODEL_CONFIGS` (``-quickgelu`` allowed), a JSON path
   or an open_clip model config dict. ``scan_layers`` writes the scanned block layout (for
   configs with ``model.scan_layers=True``). Returns the output directory."""
-  from fszjax.data import clip_bpe  # noqa: PLC0415
+  from fszjax.text import clip_bpe  # noqa: PLC0415
 
   name, oc_cfg = model_config(model, quick_gelu)
   fszjax_model_config(oc_cfg, name)  # unsupported options fail before reading weights

@@ -31,7 +31,8 @@ import grain
 import numpy as np
 
 from fszjax.data import glyphs as glyphs_lib
-from fszjax.data import tokenizer as tokenizer_lib
+from fszjax import text
+from fszjax.text import sentencepiece as tokenizer_lib
 
 log = logging.getLogger(__name__)
 
@@ -528,14 +529,9 @@ def get_tokenizer(data_cfg) -> tokenizer_lib.Tokenizer:
   gets the same model.
   """
   tcfg = _to_plain(_get(data_cfg, "tokenizer"))
-  if tcfg.get("kind") not in (None, "", "sentencepiece"):
-    from fszjax.convert import tokenizers as converted  # noqa: PLC0415
-
-    tok = converted.from_config(tcfg)
-    if tok is not None:
-      return tok
-  if tcfg.get("path"):
-    return tokenizer_lib.load_tokenizer(tcfg["path"])
+  tok = text.from_config(tcfg)
+  if tok is not None:
+    return tok
   comps = _components(data_cfg)
   opened = [_open(c, c["train_split"]) for c, _ in comps]
   path = _tokenizer_cache_path(data_cfg, comps, opened[0])

@@ -1,14 +1,4 @@
-"""Tokenizers of imported models, chosen by ``config.data.tokenizer.kind``.
-
-  sentencepiece (default, or no ``kind``)  fszjax's own `fszjax.data.tokenizer.Tokenizer`
-                                           (pieces, EOT = highest id, pad 0)
-  clip_bpe                                 open_clip's CLIP BPE (`fszjax.data.clip_bpe`)
-  big_vision                               a SentencePiece model used the big_vision way
-                                           (`BigVisionTokenizer`: SigLIP's tokens)
-
-All share ``encode(texts, max_len) -> int32 (B, max_len)``, ``vocab_size``, ``eot_id`` and
-``pad_id``, so `fszjax.evaluate.Encoder` can use any of them.
-"""
+"""A SentencePiece model tokenized the big_vision way (SigLIP's tokens): `BigVisionTokenizer`."""
 
 from __future__ import annotations
 
@@ -17,14 +7,14 @@ import string
 from typing import Sequence
 
 import numpy as np
+import sentencepiece as spm
 
-from fszjax.errors import UserError
+from fszjax.text.base import TokenizerError, as_texts
 
-KINDS = ("sentencepiece", "clip_bpe", "big_vision")
 CLEAN = ("none", "lower", "canonicalize")
 
 
-class TokenizerKindError(UserError):
+class TokenizerKindError(TokenizerError):
   """Unknown tokenizer kind or options; the message names the fix."""
 
 
@@ -48,8 +38,6 @@ class BigVisionTokenizer:
 
   def __init__(self, model_proto: bytes, path: str | None = None, eos: str = "sticky",
                pad_value: int = 1, clean: str = "canonicalize"):
-    import sentencepiece as spm  # noqa: PLC0415
-
     if eos not in ("none", "yes", "sticky"):
       raise TokenizerKindError(f"tokenizer eos={eos!r} is unknown; use 'none', 'yes' or 'sticky'")
     if clean not in CLEAN:
@@ -99,9 +87,7 @@ class BigVisionTokenizer:
     return t
 
   def encode(self, texts: str | Sequence[str], max_len: int) -> np.ndarray:
-    if isinstance(texts, (str, bytes)):
-      texts = [texts]
-    texts = [self._clean(t.decode("utf-8") if isinstance(t, bytes) else str(t)) for t in texts]
+    texts = [self._clean(t) for t in as_texts(texts)]
     out = np.full((len(texts), int(max_len)), self.pad_id, np.int32)
     for i, ids in enumerate(self._sp.encode(texts, out_type=int)):
       if self.eos != "none":
@@ -129,42 +115,3 @@ class BigVisionTokenizer:
     with open(path, "wb") as f:
       f.write(self._proto)
     return path
-
-
-def resolve_path(path: str | None, base_dir: str | None) -> str | None:
-  """A tokenizer path as stored in a config: absolute, or relative to the config's directory;
-  when an absolute path moved with its directory, the copy under base_dir/tokenizer/ is used."""
-  if not path:
-    return path
-  if os.path.isabs(path):
-    if os.path.exists(path) or not base_dir:
-      return path
-    moved = os.path.join(base_dir, "tokenizer", os.path.basename(path))
-    return moved if os.path.exists(moved) else path
-  return os.path.join(base_dir, path) if base_dir else path
-
-
-def from_config(tcfg, base_dir: str | None = None):
-  """The tokenizer ``config.data.tokenizer`` names when its ``kind`` is clip_bpe or
-  big_vision; ``None`` for sentencepiece (use `fszjax.data.pipeline.get_tokenizer`).
-
-  ``base_dir`` (the directory of config.json) resolves relative / moved paths.
-  """
-  get = tcfg.get if hasattr(tcfg, "get") else (lambda k, d=None: getattr(tcfg, k, d))
-  kind = get("kind", None) or "sentencepiece"
-  if kind not in KINDS:
-    raise TokenizerKindError(f"data.tokenizer.kind={kind!r} is unknown; use one of {KINDS}")
-  if kind == "sentencepiece":
-    return None
-  path = resolve_path(get("path", None), base_dir)
-  if kind == "clip_bpe":
-    from fszjax.data import clip_bpe  # noqa: PLC0415
-
-    return clip_bpe.ClipBpeTokenizer.from_file(path or None)
-  if not path:
-    raise TokenizerKindError("data.tokenizer.kind=big_vision needs data.tokenizer.path: the "
-                             "SentencePiece .model of the checkpoint (or fszjax.load(path, "
-                             "tokenizer='FILE.model'))")
-  return BigVisionTokenizer.from_file(path, eos=get("eos", "sticky") or "sticky",
-                                      pad_value=int(get("pad_value", 1)),
-                                      clean=get("clean", "canonicalize") or "canonicalize")

@@ -30,16 +30,16 @@ from typing import Sequence
 
 import numpy as np
 
+from fszjax.text.base import TokenizerError, as_texts
+
 BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2
 SOT, EOT = "<start_of_text>", "<end_of_text>"
 ENV_VAR = "FSZJAX_CLIP_BPE"
 
 
-class ClipBpeError(ValueError):
+class ClipBpeError(TokenizerError):
   """Missing or unreadable BPE vocabulary; the message names the fix."""
-
-  user_error = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,7 +108,7 @@ def clean_text(text: str) -> str:
 
 class ClipBpeTokenizer:
   """Fixed-length batch tokenizer with open_clip's ids (same interface as
-  `fszjax.data.tokenizer.Tokenizer`).
+  `fszjax.text.sentencepiece.Tokenizer`).
 
   Attributes:
     vocab_size: 49408.
@@ -192,14 +192,12 @@ class ClipBpeTokenizer:
 
   def encode(self, texts: str | Sequence[str], max_len: int | None = None) -> np.ndarray:
     """Texts -> int32 ``(B, max_len)``: SOT, pieces, EOT, then 0 (a str gives B = 1)."""
-    if isinstance(texts, (str, bytes)):
-      texts = [texts]
+    texts = as_texts(texts)
     max_len = int(max_len or self.context_length)
     if max_len < 2:
       raise ClipBpeError(f"max_len={max_len} leaves no room for SOT and EOT; use >= 2")
     out = np.zeros((len(texts), max_len), np.int32)
     for i, t in enumerate(texts):
-      t = t.decode("utf-8") if isinstance(t, bytes) else str(t)
       ids = [self.sot_id] + self.encode_text(t) + [self.eot_id]
       if len(ids) > max_len:
         ids = ids[:max_len]

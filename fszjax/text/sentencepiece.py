@@ -14,18 +14,14 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
+import sentencepiece as spm
+
+from fszjax.text.base import TokenizerError, as_texts, atomic_write
 
 MODEL_TYPES = ("unigram", "bpe", "word", "char")
-
-
-class TokenizerError(ValueError):
-  """Bad tokenizer settings or model file; the message names the fix."""
-
-  user_error = True
 
 
 class Tokenizer:
@@ -45,8 +41,6 @@ class Tokenizer:
     self._load()
 
   def _load(self):
-    import sentencepiece as spm  # noqa: PLC0415
-
     self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
     # Id 0 must be padding: keep SentencePiece's ids when its pad is 0, else shift by one.
     self._offset = 0 if self._sp.pad_id() == 0 else 1
@@ -69,11 +63,9 @@ class Tokenizer:
 
   def encode(self, texts: str | Sequence[str], max_len: int) -> np.ndarray:
     """Texts -> int32 (B, max_len): pieces, EOT, then pad 0 (a single str gives B = 1)."""
-    if isinstance(texts, (str, bytes)):
-      texts = [texts]
     if max_len < 2:
       raise TokenizerError(f"max_len={max_len} leaves no room for text and EOT; use >= 2")
-    texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
+    texts = as_texts(texts)
     out = np.zeros((len(texts), max_len), np.int32)
     for i, text in enumerate(texts):
       # One string per call: SentencePiece's list path starts a thread pool per call (~20x slower).
@@ -102,22 +94,9 @@ class Tokenizer:
 
   def save(self, path: str) -> str:
     """Writes the SentencePiece model to `path` (atomically)."""
-    _atomic_write(path, self._proto)
+    atomic_write(path, self._proto)
     self.path = path
     return path
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def train_sentencepiece(texts: Iterable[str], out_prefix: str | None, vocab_size: int,
@@ -127,14 +106,11 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str | None, vocab_size
   Deterministic: same texts (same order) and settings -> the same model. Writes
   `<out_prefix>.model` (atomically) unless `out_prefix` is None.
   """
-  import sentencepiece as spm  # noqa: PLC0415
-
   if model_type not in MODEL_TYPES:
     raise TokenizerError(f"tokenizer model_type={model_type!r} is unknown; use one of {MODEL_TYPES}")
   if vocab_size < 4:
     raise TokenizerError(f"tokenizer vocab_size={vocab_size} is too small; use >= 4")
-  texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
-  texts = [t for t in texts if t.strip()]
+  texts = [t for t in as_texts(list(texts)) if t.strip()]
   if not texts:
     raise TokenizerError("no text to train the tokenizer on; check the dataset's text key")
   buf = io.BytesIO()
@@ -177,49 +153,3 @@ def load_tokenizer(path: str) -> Tokenizer:
   except Exception as e:  # noqa: BLE001
     raise TokenizerError(f"{path!r} is not a SentencePiece model ({e}); point data.tokenizer.path "
                          "at a .model file") from None
-
-
-WORKDIR_SUBDIR = "tokenizer"
-
-
-def copy_to_workdir(tok, workdir: str) -> str:
-  """Writes the file of tokenizer `tok` (any tokenizer with ``save(path)``: SentencePiece,
-  CLIP BPE, big_vision) into ``workdir/tokenizer/`` so that the workdir carries what it
-  needs to encode text. Returns the absolute path of the copy.
-
-  The file keeps its name (``spm.model`` for a tokenizer never saved). An existing copy
-  with other contents is an error: the run in that workdir was trained with another
-  tokenizer."""
-  src = getattr(tok, "path", None)
-  name = os.path.basename(src) if src else ("spm.model" if isinstance(tok, Tokenizer) else "tokenizer.model")
-  dst = os.path.join(os.path.abspath(workdir), WORKDIR_SUBDIR, name)
-  if os.path.exists(dst):
-    new = _bytes_of(tok)
-    with open(dst, "rb") as f:
-      old = f.read()
-    if new is not None and old != new:
-      raise TokenizerError(
-          f"{dst} (the tokenizer this workdir was trained with) differs from the tokenizer of "
-          f"config.data ({src or 'trained from the data'}); resume with the original data config "
-          "or pass a new --workdir")
-    return dst
-  os.makedirs(os.path.dirname(dst), exist_ok=True)
-  if src and os.path.isfile(src):
-    with open(src, "rb") as f:
-      _atomic_write(dst, f.read())
-  else:
-    saved_path = getattr(tok, "path", None)
-    tok.save(dst)
-    if hasattr(tok, "path"):
-      tok.path = saved_path  # `save` repoints the object; the caller's tokenizer is unchanged
-  return dst
-
-
-def _bytes_of(tok) -> bytes | None:
-  if hasattr(tok, "model_proto"):
-    return bytes(tok.model_proto)
-  src = getattr(tok, "path", None)
-  if src and os.path.isfile(src):
-    with open(src, "rb") as f:
-      return f.read()
-  return None
