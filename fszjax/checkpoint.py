@@ -26,7 +26,7 @@ Faults (README "Faults and recovery"):
 
 from __future__ import annotations
 
-import errno
+import json
 import logging
 import os
 import re
@@ -40,6 +40,7 @@ import numpy as np
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
 from fszjax import workdir
@@ -135,15 +136,11 @@ def _all_processes_agree(ok: bool) -> bool:
   """True iff `ok` on every process (a collective when there are several)."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils
-
   return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
     multihost_utils.sync_global_devices(name)
 
 
@@ -361,8 +358,6 @@ class Checkpointer:
     examples per process the global stream is consumed up to P * n: each of the new
     processes resumes at that global position divided by their number.
     """
-    import json
-
     d = os.path.join(self.directory, str(step), "data")
     try:
       states = []

@@ -18,6 +18,8 @@ import pickle
 import re
 import shutil
 import tempfile
+import zipfile
+import zlib
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -121,8 +123,6 @@ def read_torch(path: str) -> Flat:
   with open(path, "rb") as f:
     magic = f.read(4)
   if magic == b"PK\x03\x04":
-    import zipfile  # noqa: PLC0415
-
     with zipfile.ZipFile(path) as z:
       if any(n.endswith("/constants.pkl") or n.endswith("code/__torch__.py") for n in z.namelist()):
         raise ConvertError(f"{path} is a TorchScript archive (e.g. OpenAI's original .pt), which "
@@ -179,9 +179,6 @@ def read_npz(path: str) -> Flat:
 
   A truncated or damaged archive is a one-line `ConvertError` naming the tensor and the
   shape its header promises."""
-  import zipfile  # noqa: PLC0415
-  import zlib  # noqa: PLC0415
-
   try:
     z = np.load(path, allow_pickle=False)
   except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:

@@ -33,6 +33,8 @@ import os
 import re
 from typing import Any
 
+from fszjax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
@@ -43,10 +45,8 @@ FOLDER_BUILDER = "user_image_folder"
 CAPTIONS_BUILDER = "user_image_captions"
 
 
-class UserDataError(ValueError):
+class UserDataError(UserError):
   """Bad user data (missing folder, empty manifest, ...); the message names the fix."""
-
-  user_error = True
 
 
 def _check_name(name: str) -> str:
