@@ -2,7 +2,10 @@
 
 Architecture as open_clip's ViT-B-16 (class-token pooling, ln_pre, bias-free patch
 embedding and projections, a causal 512-wide text tower over 77 tokens with end-of-text
-pooling), so `fszjax convert to_open_clip` can export it.
+pooling), so `fszjax convert to_open_clip` can export it. Sized like `siglip_b16.py`: global batch 32k
+on a TPU v5e-256 slice (128 per chip), FSDP over every chip, full remat of each block; check
+a slice before booking it with ``fszjax compile --config configs/clip_b16.py --topology
+v5e:16x16`` (BUILD_NOTES.md "Ahead-of-time compilation").
 
     fszjax pretrain --config configs/clip_b16.py --workdir gs://bucket/clip_b16
 """

@@ -3,6 +3,10 @@ the text tower (and the logit scale/bias) learn.
 
     fszjax pretrain --config configs/lit_b16.py --workdir W \
         --config.init_from=/path/to/image_pretrained_workdir
+
+Batch, mesh and remat as `siglip_b16.py` (v5e-256, 32k). The frozen tower's gradients are
+still computed (the logged grad_norm includes them) and zeroed by the optimizer, so its
+memory and FLOPs per step are those of `siglip_b16.py`.
 """
 
 import importlib.util

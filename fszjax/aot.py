@@ -211,12 +211,33 @@ def mesh_for(config, devices: list, num_slices: int = 1) -> Mesh:
 # ----------------------------------------------------------------------------- analysis
 
 
-def count_collectives(hlo_text: str) -> dict[str, int]:
-  """Collective ops in an HLO module's text (async pairs count once, by their start)."""
-  out = {}
-  for name in COLLECTIVES:
-    out[name] = len(re.findall(rf"\s{re.escape(name)}(?:-start)?\(", hlo_text))
-  return out
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+def _shape_bytes(shape_text: str) -> int:
+  """Bytes of an HLO result shape: ``bf16[64,128]{1,0}`` or a tuple of such."""
+  total = 0
+  for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape_text):
+    if dt in _DTYPE_BYTES:
+      total += int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64)) * _DTYPE_BYTES[dt]
+  return total
+
+
+def count_collectives(hlo_text: str) -> tuple[dict[str, int], dict[str, int]]:
+  """``(counts, result bytes)`` of each collective in an HLO module's text (async pairs
+  count once, by their start; an op inside a loop body counts once)."""
+  counts = dict.fromkeys(COLLECTIVES, 0)
+  sizes = dict.fromkeys(COLLECTIVES, 0)
+  ops = "|".join(re.escape(n) for n in COLLECTIVES)
+  for m in re.finditer(rf"= (.*?) ({ops})(-start)?\(", hlo_text):
+    counts[m.group(2)] += 1
+    shape = m.group(1)
+    if m.group(3):  # async start: (operands, results[, u32[] contexts]); take the results
+      parts = [p for p in re.findall(r"[a-z]+\d*\[[\d,]*\]", shape) if not p.endswith("[]")]
+      shape = " ".join(parts[len(parts) // 2:])
+    sizes[m.group(2)] += _shape_bytes(shape)
+  return counts, sizes
 
 
 def per_chip_bytes(tree) -> int:
@@ -342,6 +363,12 @@ def _compile(jitted, *args) -> tuple[Any, float, str | None]:
     msg = str(e)
     if "RESOURCE_EXHAUSTED" in msg or "Ran out of memory" in msg:
       return None, time.perf_counter() - t0, msg
+    if type(e).__name__ == "IndivisibleError":
+      m = re.search(r"partitioned (\d+) times, but the dimension size is (\d+)", msg)
+      what = (f"a parameter dimension of {m.group(2)} does not split {m.group(1)} ways"
+              if m else msg.splitlines()[0])
+      raise CompileError(f"{what} on this mesh; choose config.mesh.fsdp (and data) so the "
+                         "sharded dimensions divide, e.g. --config.mesh.data=2 halves fsdp") from None
     raise
   return compiled, time.perf_counter() - t0, None
 
@@ -370,8 +397,9 @@ def _eval_encoders(config, model: TwoTower, abstract_params, mesh: Mesh, hbm: in
   return out
 
 
-def compile_report(config, topo: Topology, with_eval: bool = True) -> dict:
-  """Compiles the train step (and the evaluation encoders) of `config` for `topo`."""
+def compile_report(config, topo: Topology, with_eval: bool = True, dump_hlo: str = "") -> dict:
+  """Compiles the train step (and the evaluation encoders) of `config` for `topo`; writes the
+  compiled HLO text to `dump_hlo` if given."""
   chip = flops.CHIPS[topo.family]
   devices = topology_devices(topo)
   mesh = mesh_for(config, devices, topo.num_slices)
@@ -422,6 +450,11 @@ def compile_report(config, topo: Topology, with_eval: bool = True) -> dict:
 
   mem = _memory(compiled)
   fits = mem["peak_bytes"] <= chip.hbm_bytes * HBM_USABLE
+  hlo = compiled.as_text()
+  if dump_hlo:
+    with open(dump_hlo, "w") as f:
+      f.write(hlo)
+  coll_counts, coll_bytes = count_collectives(hlo)
   ratio = flops.scan_count_ratio(config.model, config.batch_size, accum)
   cost = _cost(compiled)
   xf, xb = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
@@ -432,7 +465,8 @@ def compile_report(config, topo: Topology, with_eval: bool = True) -> dict:
       memory=mem, fits=fits,
       xla_flops_per_chip=xf, xla_bytes_accessed_per_chip=xb, xla_loop_correction=round(ratio, 3),
       xla_flops_per_chip_corrected=xf * ratio, xla_bytes_per_chip_corrected=xb * ratio,
-      collectives=count_collectives(compiled.as_text()),
+      collectives=coll_counts, collective_result_bytes=coll_bytes,
+      compute_time_s=t_compute, hbm_time_s=t_memory,
       roofline_step_s=t_step, roofline_bound="compute" if t_compute >= t_memory else "memory",
       mfu_upper_bound=(model_flops / n) / (chip.peak_tflops * 1e12) / t_step if t_step else None,
       fix=None if fits else suggest_fixes(
@@ -464,8 +498,9 @@ def format_table(r: dict) -> str:
   if r.get("fix"):
     rows.append(("fix", r["fix"]))
   if "collectives" in r:
-    rows.append(("collectives", "  ".join(f"{k} {v}" for k, v in r["collectives"].items())
-                 + "  (static count in the HLO; a loop body counts once)"))
+    rows.append(("collectives", "  ".join(
+        f"{k} {v} ({_gb(r['collective_result_bytes'][k])})" for k, v in r["collectives"].items())
+        + "  (static counts and result sizes in the HLO; a loop body counts once)"))
     rows.append(("flops/chip", f"model {r['model_flops_per_chip'] / 1e12:.2f} T; XLA "
                  f"{r['xla_flops_per_chip'] / 1e12:.2f} T as counted (loop bodies once), "
                  f"x{r['xla_loop_correction']} = {r['xla_flops_per_chip_corrected'] / 1e12:.2f} T"))
@@ -473,7 +508,9 @@ def format_table(r: dict) -> str:
                  f"(XLA, corrected the same way)"))
     mfu = r["mfu_upper_bound"]
     rows.append(("roofline", f"{r['roofline_step_s'] * 1e3:.1f} ms/step ({r['roofline_bound']}-"
-                 f"bound), MFU upper bound {mfu:.1%}" if mfu is not None else "n/a"))
+                 f"bound: compute {r['compute_time_s'] * 1e3:.1f} ms, HBM "
+                 f"{r['hbm_time_s'] * 1e3:.1f} ms), MFU upper bound {mfu:.1%}"
+                 if mfu is not None else "n/a"))
   rows.append(("compile", f"{r['compile_s']:.1f} s"))
   for name, e in (r.get("eval") or {}).items():
     if isinstance(e, dict):
@@ -494,7 +531,8 @@ def main(args, overrides) -> int:
 
   topo = parse_topology(args.topology, args.num_slices)
   cfg = config_lib.load_config(args.config, overrides)
-  report = compile_report(cfg, topo, with_eval=not args.no_eval)
+  report = compile_report(cfg, topo, with_eval=not args.no_eval,
+                          dump_hlo=getattr(args, "dump_hlo", "") or "")
   line = json.dumps(report, default=float)
   print(line, flush=True)
   print(format_table(report), file=sys.stderr, flush=True)
