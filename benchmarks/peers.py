@@ -309,13 +309,14 @@ def fszjax_maml(steps: int, warmup: int) -> dict:
 
 def _worker(args) -> int:
   side, work = args.worker.split(":")
+  threads = int(args.threads)
   if side == "peer":
     if work == "train":
-      r = peer_train(args.threads, args.steps, args.warmup)
+      r = peer_train(threads, args.steps, args.warmup)
     elif work == "encode":
-      r = peer_encode(args.threads, args.steps, args.warmup, args.weights or None)
+      r = peer_encode(threads, args.steps, args.warmup, args.weights or None)
     else:
-      r = peer_maml(args.threads, args.steps, args.warmup)
+      r = peer_maml(threads, args.steps, args.warmup)
   else:
     if work == "train":
       r = fszjax_train(args.steps, args.warmup)
