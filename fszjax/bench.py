@@ -14,12 +14,13 @@ import time
 import jax
 import numpy as np
 
+from fszjax import config as config_lib
+from fszjax import flops, pretrain, sharding
+
 
 def synthetic_batches(config, global_batch: int, seed: int, count: int = 4):
   """`count` distinct batches: normal images and token rows ending in the EOT id (V-1)."""
-  from fszjax.pretrain import input_shapes
-
-  img_shape, tok_shape = input_shapes(config, global_batch)
+  img_shape, tok_shape = pretrain.input_shapes(config, global_batch)
   rng = np.random.default_rng(seed)
   vocab = config.model.text.vocab_size
   out = []
@@ -36,8 +37,6 @@ def synthetic_batches(config, global_batch: int, seed: int, count: int = 4):
 
 def bench_pretrain(config, steps: int = 10, peak_tflops: float | None = None,
                    devices=None) -> dict:
-  from fszjax import flops, pretrain, sharding
-
   mesh = sharding.mesh_from_config(config.mesh, devices=devices)
   rules = sharding.rules_from_config(config)
   sharding.check_global_batch(config.batch_size, mesh)
@@ -82,8 +81,6 @@ def bench_pretrain(config, steps: int = 10, peak_tflops: float | None = None,
 
 
 def main(args, overrides) -> int:
-  from fszjax import config as config_lib
-
   cfg = config_lib.load_config(args.config, overrides)
   result = bench_pretrain(cfg, steps=args.steps, peak_tflops=args.peak_tflops)
   print(json.dumps(result), flush=True)

@@ -21,8 +21,12 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+from fszjax.data import arrays as arrays_lib
+from fszjax.data import sources, vocab
 from fszjax.errors import UserError
+from fszjax.models.two_tower import TwoTower
 
 
 class EvalDataError(UserError):
@@ -147,8 +151,6 @@ def caption_groups(captions: Sequence[Sequence[str]]) -> tuple[list[str], np.nda
 
 def _replicated_like(tree) -> dict:
   """``{"out_shardings": replicated}`` on the mesh of `tree`'s arrays ({} off a mesh)."""
-  from jax.sharding import NamedSharding, PartitionSpec
-
   for x in jax.tree.leaves(tree):
     sh = getattr(x, "sharding", None)
     if isinstance(sh, NamedSharding):
@@ -161,8 +163,6 @@ class Encoder:
 
   def __init__(self, model, params, tokenizer=None, max_len: int | None = None,
                batch_size: int = 256):
-    from fszjax.models.two_tower import TwoTower
-
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.max_len = max_len or model.txt.max_len
     self.batch_size = batch_size
@@ -262,21 +262,19 @@ def run_evaluators(config, model, params, tokenizer=None, splits=None, arrays_ca
   A split with class names (labels) gets zero-shot classification and image<->class-name
   retrieval; a split without labels but with captions (``data.text_key``, e.g.
   ``captions/text``) gets image<->caption retrieval only."""
-  from fszjax.data import pipeline
-
   dcfg = config.data
   ecfg = config.get("eval", None)
   splits = list(splits or (ecfg.splits if ecfg is not None and "splits" in ecfg else dcfg.eval_splits))
   max_examples = max_examples or (ecfg.get("max_examples", 0) if ecfg is not None else 0) or None
-  tokenizer = tokenizer or pipeline.get_tokenizer(dcfg)
-  templates = list(pipeline.prompt_templates(dcfg))
+  tokenizer = tokenizer or vocab.get_tokenizer(dcfg)
+  templates = list(sources.prompt_templates(dcfg))
   encoder = Encoder(model, params, tokenizer, max_len=config.model.text.max_len,
                     batch_size=int(ecfg.get("batch_size", 256)) if ecfg is not None else 256)
   out = {"zeroshot": {}, "retrieval": {}}
   cache = arrays_cache if arrays_cache is not None else {}
   for split in splits:
     if split not in cache:
-      cache[split] = _remap_to_present(pipeline.load_split_arrays(dcfg, split, max_examples))
+      cache[split] = _remap_to_present(arrays_lib.load_split_arrays(dcfg, split, max_examples))
     arrays = cache[split]
     if len(arrays["image"]) == 0:
       raise EvalDataError(f"eval split {split!r} has no decodable image; choose another "

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from fszjax.models.two_tower import tower_dims
+
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -73,8 +75,6 @@ def forward_flops_parts(mcfg, global_batch: int, depths: tuple[int, int] | None 
   ``depths=(image_depth, text_depth)`` overrides the towers' depths (used to estimate
   what XLA's cost analysis sees when it counts a scanned layer body once).
   """
-  from fszjax.models.two_tower import tower_dims
-
   icfg, tcfg = mcfg.image, mcfg.text
   iw, idp, im, _, patch = tower_dims(icfg)
   tw, tdp, tm, _, _ = tower_dims(tcfg)
@@ -117,8 +117,6 @@ def scan_count_ratio(mcfg, global_batch: int, grad_accum: int = 1) -> float:
   The ratio true / counted of the analytic forward FLOPs estimates the factor to apply
   to XLA's figures.
   """
-  from fszjax.models.two_tower import tower_dims
-
   true = forward_flops_parts(mcfg, global_batch)
   if mcfg.get("scan_layers", False):
     seen = forward_flops_parts(mcfg, global_batch, depths=(

@@ -9,10 +9,9 @@
     probs = model.classify(x, clf)                  # (B, C) softmax over the classes
 
 The tokenizer follows the config: fszjax's SentencePiece tokenizer for fszjax workdirs
-(`fszjax.data.pipeline.get_tokenizer`, loaded on first use), the CLIP BPE for converted
+(`fszjax.data.vocab.get_tokenizer`, loaded on first use), the CLIP BPE for converted
 open_clip models, the checkpoint's SentencePiece model used the big_vision way for
-converted big_vision models (``config.data.tokenizer.kind``; see
-`fszjax.convert.tokenizers`).
+converted big_vision models (``config.data.tokenizer.kind``; see `fszjax.text`).
 """
 
 from __future__ import annotations
@@ -23,10 +22,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fszjax import checkpoint as ckpt_lib
+from fszjax import config as config_lib
+from fszjax import evaluate, text
+from fszjax.data import errors as data_errors
+from fszjax.data import vocab
+from fszjax.data.preprocess import resize
 from fszjax.errors import UserError
-
-RESIZE_MODES = ("shortest", "squash", "center")
-
+from fszjax.fewshot import api
+from fszjax.models.two_tower import TwoTower, build_model
 
 class LoadError(UserError):
   """A path that is not a loadable fszjax model; the message names the fix."""
@@ -39,9 +43,6 @@ def load_config(path: str):
   against it), or the step directory when only the checkpoint's own config exists.
   """
   import ml_collections  # noqa: PLC0415
-
-  from fszjax import checkpoint as ckpt_lib  # noqa: PLC0415
-  from fszjax import config as config_lib  # noqa: PLC0415
 
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
@@ -78,25 +79,19 @@ def model_tokenizer(config, base_dir: str | None):
   converted directories carry it in ``tokenizer/``), read the way ``kind`` says. Only a
   config without a tokenizer file (a workdir written before workdirs carried theirs)
   falls back to the dataset's tokenizer, which needs the dataset."""
-  from fszjax.convert import tokenizers  # noqa: PLC0415
-  from fszjax.data import pipeline  # noqa: PLC0415
-  from fszjax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
-
   tcfg = config.data.tokenizer
   where = base_dir or "the model"
-  path = tokenizers.resolve_path(tcfg.get("path", None), base_dir)
+  path = text.resolve_path(tcfg.get("path", None), base_dir)
   if path and not os.path.exists(path):
     raise LoadError(f"the tokenizer file {path} of {where} is missing; copy the whole workdir "
                     "(with its tokenizer/ folder), or pass fszjax.load(PATH, tokenizer='FILE') / "
                     "--config.data.tokenizer.path=FILE")
-  tok = tokenizers.from_config(tcfg, base_dir)
+  tok = text.from_config(tcfg, base_dir)
   if tok is not None:
     return tok
-  if path:
-    return tokenizer_lib.load_tokenizer(path)
   try:
-    return pipeline.get_tokenizer(config.data)
-  except pipeline.DataError as e:
+    return vocab.get_tokenizer(config.data)
+  except data_errors.DataError as e:
     raise LoadError(
         f"{where} carries no tokenizer file (config.data.tokenizer.path is empty: written before "
         "workdirs kept a copy, or a checkpoint without its workdir) and the dataset it was "
@@ -125,42 +120,6 @@ def _to_pil(img, mode: str):
   return out.convert(mode) if out.mode != mode else out
 
 
-def resize(img, size: int, mode: str = "shortest", interpolation: str = "bicubic"):
-  """One PIL image -> ``size x size``.
-
-  shortest: shorter side to `size`, then centre crop (torchvision ``Resize(size)`` +
-  ``CenterCrop``, open_clip's preprocessing); squash: straight to size x size (big_vision /
-  SigLIP); center: fszjax's data pipeline (the crop box resampled directly).
-  """
-  from PIL import Image  # noqa: PLC0415
-
-  resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR,
-              "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}.get(interpolation)
-  if resample is None:
-    raise ValueError(f"unknown interpolation {interpolation!r}; use bicubic, bilinear, nearest "
-                     "or lanczos")
-  w, h = img.size
-  if mode == "squash":
-    return img.resize((size, size), resample)
-  if mode == "center":
-    if (w, h) == (size, size):
-      return img
-    s = size / min(w, h)
-    nw, nh = max(size, int(round(w * s))), max(size, int(round(h * s)))
-    x0, y0 = (nw - size) / 2 / s, (nh - size) / 2 / s
-    return img.resize((size, size), resample, box=(x0, y0, x0 + size / s, y0 + size / s))
-  if mode != "shortest":
-    raise ValueError(f"unknown resize mode {mode!r}; use one of {RESIZE_MODES}")
-  if w <= h:
-    nw, nh = size, int(size * h / w)
-  else:
-    nw, nh = int(size * w / h), size
-  if (nw, nh) != (w, h):
-    img = img.resize((nw, nh), resample)
-  top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-  return img.crop((left, top, left + size, top + size))
-
-
 class Model:
   """A loaded two-tower model with its preprocessing and tokenizer.
 
@@ -176,8 +135,6 @@ class Model:
   def __init__(self, config, params, tokenizer=None, base_dir: str | None = None,
                batch_size: int = 64, precision: str | None = "highest"):
     import jax  # noqa: PLC0415
-
-    from fszjax.models.two_tower import TwoTower, build_model  # noqa: PLC0415
 
     self.config, self.base_dir, self.batch_size = config, base_dir, int(batch_size)
     self.precision = precision
@@ -275,8 +232,6 @@ class Model:
     """``(C, E)`` classifier: per class the renormalised mean embedding of its prompts
     (``templates`` formatted with the name; default ``config.data.prompt_templates``), or
     of its own list of descriptions."""
-    from fszjax import evaluate  # noqa: PLC0415
-
     if templates is None:
       templates = tuple(self.config.data.get("prompt_templates", ("{}",)) or ("{}",))
     return evaluate.zero_shot_classifier(lambda t: self.encode_text(self.tokenize(t)),
@@ -300,8 +255,6 @@ class Model:
                method: str = "zs_head_adapt", **options):
     """A classifier adapted to a few labelled images: see `fszjax.fewshot.api.few_shot`
     (methods zeroshot, protonet, zs_head_adapt, finetune, wise_ft)."""
-    from fszjax.fewshot import api  # noqa: PLC0415
-
     return api.few_shot(self, support_images, support_labels, class_names=class_names,
                         method=method, **options)
 
@@ -335,8 +288,6 @@ def load(path: str, *, tokenizer: Any = None, batch_size: int = 64,
   a CLIP BPE ``.txt.gz`` path, or a SentencePiece ``.model`` path (used the way the
   config's ``data.tokenizer.kind`` says: fszjax's or big_vision's). ``precision``: see
   `Model`."""
-  from fszjax import checkpoint as ckpt_lib  # noqa: PLC0415
-
   try:
     config, base_dir = load_config(path)
     params = ckpt_lib.load_params_numpy(path)
@@ -348,13 +299,10 @@ def load(path: str, *, tokenizer: Any = None, batch_size: int = 64,
                     f"({type(e).__name__}: {first}); pass a fszjax workdir, a directory written "
                     "by `fszjax convert` or a checkpoint step directory") from None
   if isinstance(tokenizer, str):
-    from fszjax.convert import tokenizers  # noqa: PLC0415
-    from fszjax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
-
     tcfg = config.get("data", {}).get("tokenizer", None)
     tcfg = dict(tcfg.to_dict() if hasattr(tcfg, "to_dict") else (tcfg or {}), path=tokenizer)
     if tokenizer.endswith(".gz") or tokenizer.endswith(".txt"):
       tcfg["kind"] = "clip_bpe"
-    tokenizer = tokenizers.from_config(tcfg) or tokenizer_lib.load_tokenizer(tokenizer)
+    tokenizer = text.from_config(tcfg) or text.load_tokenizer(tokenizer)
   return Model(config, params, tokenizer=tokenizer, base_dir=base_dir, batch_size=batch_size,
                precision=precision)

@@ -19,6 +19,9 @@ import os
 import platform
 import time
 
+from fszjax.fewshot.adapt import results_markdown
+from fszjax.metrics import plot_report, read_jsonl
+
 
 def _load(path):
   if os.path.exists(path):
@@ -43,9 +46,6 @@ def _merge_methods(*results):
 
 
 def build(run: str, wall_time_s: float | None = None) -> str:
-  from fszjax.fewshot.adapt import results_markdown
-  from fszjax.metrics import plot_report, read_jsonl
-
   summary = _load(os.path.join(run, "pretrain", "summary.json"))
   adapt = _load(os.path.join(run, "adapt", "results.json"))
   conv4 = _load(os.path.join(run, "maml_conv4", "results.json"))

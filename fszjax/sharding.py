@@ -1,4 +1,4 @@
-"""Device meshes, logical-axis rules, sharded initialisation and global batches.
+"""Device meshes, logical-axis rules, shardings of states and global batches.
 
 Mesh axes are always ``("data", "fsdp", "tensor")``. Model code names array dimensions
 with *logical* axes (``"embed"``, ``"mlp"``, ``"heads"``, ``"batch"``, ...); a single
@@ -11,8 +11,12 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+import optax
 from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from optax.transforms import MaskedNode
+
+from fszjax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # Axes the global batch is split over (data parallelism in both its flavours).
@@ -39,9 +43,6 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("act_heads", "tensor"),
     ("act_kv", None),
 )
-
-
-from fszjax.errors import UserError  # noqa: E402
 
 
 class ShardingError(UserError):
@@ -102,8 +103,13 @@ def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
   return tuple(out)
 
 
-def batch_size_per_shard(mesh: Mesh) -> int:
+def data_parallel_size(mesh: Mesh) -> int:
+  """The number of shards of the global batch: the product of the batch axes' sizes."""
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+# The name this function had before; `fszjax.aot` still calls it (its owner renames the calls).
+batch_size_per_shard = data_parallel_size
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
@@ -116,7 +122,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_global_batch(global_batch: int, mesh: Mesh, what: str = "config.batch_size") -> None:
-  n = batch_size_per_shard(mesh)
+  n = data_parallel_size(mesh)
   if global_batch % n:
     raise ShardingError(
         f"{what}={global_batch} is not divisible by the data-parallel size {n} "
@@ -127,25 +133,6 @@ def check_global_batch(global_batch: int, mesh: Mesh, what: str = "config.batch_
 def logical_to_sharding(logical_specs, mesh: Mesh, rules) -> Any:
   """Maps a tree of logical PartitionSpecs to NamedShardings on `mesh`."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
-
-
-def sharded_init(init_fn, mesh: Mesh, rules, *args):
-  """Initialises parameters directly in their sharded layout.
-
-  `init_fn(*args)` must return a tree holding `nn.Partitioned` boxes (what Linen's
-  `with_logical_partitioning` produces). The tree is traced with `eval_shape`, the
-  logical names become mesh shardings through `rules`, and a `jit` with those
-  `out_shardings` materialises the (unboxed) arrays where they belong: no device ever
-  holds the full parameter set.
-
-  Returns `(params, shardings)`.
-  """
-  abstract = jax.eval_shape(init_fn, *args)
-  specs = nn.get_partition_spec(abstract)
-  shardings = logical_to_sharding(specs, mesh, rules)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    params = jax.jit(lambda *a: nn.unbox(init_fn(*a)), out_shardings=shardings)(*args)
-  return params, shardings
 
 
 def host_to_global(batch, mesh: Mesh, global_batch: int | None = None):
@@ -184,9 +171,6 @@ def optimizer_state_shardings(tx, abstract_opt_state, abstract_params, mesh: Mes
   state leaf whose shape differs from its parameter's (e.g. a factored second moment) is
   replicated.
   """
-  import optax
-  from optax.transforms import MaskedNode
-
   rep = replicated(mesh)
 
   def like_param(leaf, param):

@@ -36,6 +36,7 @@ from fszjax.errors import UserError
 from fszjax.fewshot import dg as dg_lib
 from fszjax.fewshot import inner as inner_lib
 from fszjax.fewshot import meta as meta_lib
+from fszjax.models.two_tower import build_image_tower
 
 METHODS = ("zeroshot", "protonet", "zs_head_adapt", "finetune", "wise_ft")
 NEEDS_NAMES = ("zeroshot", "zs_head_adapt", "finetune", "wise_ft")
@@ -130,8 +131,6 @@ def _cached(model, key, build):
 
 def _tower_features(model):
   """``features_fn(img_params, x) -> (B, E)`` L2-normalised image embeddings."""
-  from fszjax.models.two_tower import build_image_tower  # noqa: PLC0415  (models layer)
-
   tower = build_image_tower(model.config.model)
 
   def features(backbone, x):

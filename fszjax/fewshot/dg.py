@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fszjax.fewshot import inner as inner_lib
 from fszjax.fewshot.inner import FeaturesFn, Params
@@ -68,8 +69,6 @@ def mldg_objective(params: Params, train_batch, test_batch, *, loss_fn: LossFn,
 def make_mldg_step(loss_fn: LossFn, optimizer, *, alpha: float, beta: float = 1.0,
                    first_order: bool = False, donate: bool = True) -> Callable:
   """Jitted ``step(params, opt_state, train_batch, test_batch) -> (params, opt_state, metrics)``."""
-  import optax
-
   def step(params, opt_state, train_batch, test_batch):
     (_, metrics), grads = jax.value_and_grad(mldg_objective, has_aux=True)(
         params, train_batch, test_batch, loss_fn=loss_fn, alpha=alpha, beta=beta,

@@ -35,7 +35,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
 
+from fszjax import sharding as shd
 from fszjax.fewshot import inner as inner_lib
 from fszjax.fewshot.inner import FeaturesFn, Params, accuracy, cross_entropy, linear_head
 
@@ -271,8 +274,6 @@ def evaluate(meta_params: Params, tasks: dict, *, features_fn: FeaturesFn,
 
 def task_shardings(mesh, tasks: dict):
   """NamedShardings putting each task array's leading (task) axis on the mesh batch axes."""
-  from fszjax import sharding as shd
-
   return jax.tree.map(lambda x: shd.batch_sharding(mesh, jnp.ndim(x)), tasks)
 
 
@@ -283,11 +284,7 @@ def sharded_meta_grad(meta_params: Params, tasks: dict, *, features_fn: Features
   Each device reduces its T / devices tasks (chunked by cfg.task_chunk); a `pmean` over
   the batch axes gives every device the global mean. Call inside `jax.jit`.
   """
-  from jax.sharding import PartitionSpec as P
-
-  from fszjax import sharding as shd
-
-  n = shd.batch_size_per_shard(mesh)
+  n = shd.data_parallel_size(mesh)
   t = _num_tasks(tasks)
   if t % n:
     raise ValueError(f"meta_batch={t} is not divisible by the mesh batch axes size {n} "
@@ -311,8 +308,6 @@ def make_meta_step(features_fn: FeaturesFn, cfg: MetaConfig, optimizer, *, mesh=
   (the step also accepts host arrays); parameters are replicated; T must be a multiple of
   the batch-axes size (data x fsdp).
   """
-  import optax
-
   def step(meta_params, opt_state, tasks):
     if mesh is None:
       grads, metrics = meta_grad(meta_params, tasks, features_fn=features_fn, cfg=cfg)
@@ -324,8 +319,6 @@ def make_meta_step(features_fn: FeaturesFn, cfg: MetaConfig, optimizer, *, mesh=
 
   kwargs = {"donate_argnums": (0, 1)} if donate else {}
   if mesh is not None:
-    from fszjax import sharding as shd
-
     rep = shd.replicated(mesh)
     kwargs["out_shardings"] = (rep, rep, rep)
   return jax.jit(step, **kwargs)
