@@ -36,6 +36,11 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 RANK = {"base": 0, "core": 1, "data_text": 2, "train_eval": 3, "top": 4}
 
+# The only function-local fszjax import allowed: the package's own `fszjax.load`, loaded on
+# first use so that `import fszjax.<module>` (which runs fszjax/__init__.py first) does not
+# load JAX and TensorFlow before the CLI has configured them.
+ALLOWED_LOCAL = {("fszjax", "fszjax.inference")}
+
 
 def layer_of(module: str) -> str | None:
   for name, patterns in LAYERS:
@@ -122,7 +127,7 @@ def _scan():
     for node, nested in visitor.found:
       targets = _targets(module, node)
       graph[module].update(targets)
-      if nested and targets:
+      if nested and set((module, t) for t in targets) - ALLOWED_LOCAL:
         local.append(f"{rel}:{node.lineno}: {ast.unparse(node)}")
       if nested and not targets:
         name = node.names[0].name if isinstance(node, ast.Import) else (node.module or "")
