@@ -120,7 +120,7 @@ class MetricWriter:
     self._tb = None
     if enabled and tensorboard:
       try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # optional: TensorBoard event files only
 
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:  # optional
@@ -187,7 +187,7 @@ class Progress:
     self.t0 = self.t_last = time.perf_counter()
     terminal = is_terminal() if terminal is None else terminal
     if enabled and terminal and os.environ.get("TQDM_DISABLE", "") in ("", "0"):
-      from tqdm import tqdm
+      from tqdm import tqdm  # optional: progress bars on a terminal only
 
       self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
                       mininterval=2.0)
@@ -235,10 +235,10 @@ def _series(rows: Iterable[dict], key: str):
 
 def plot_report(metrics_path: str, out_path: str, title: str = "") -> str:
   """Learning curves (loss, lr, in-batch accuracy) and zero-shot accuracy over steps."""
-  import matplotlib
+  import matplotlib  # heavy, optional: plots only
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # heavy, optional: plots only
 
   rows = read_jsonl(metrics_path)
   zs_keys = sorted({k for r in rows for k in r if k.startswith("zeroshot/") and k.endswith("/top1")})

@@ -218,10 +218,10 @@ def _ordered_methods(names) -> list[str]:
 
 
 def _plt():
-  import matplotlib  # noqa: PLC0415
+  import matplotlib  # noqa: PLC0415  (heavy, optional: plots only)
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt  # noqa: PLC0415  (heavy, optional: plots only)
 
   plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 8})
   return plt
