@@ -27,7 +27,7 @@ def main(argv=None) -> dict:
   p.add_argument("--num_workers", type=int, default=None)
   args = p.parse_args(argv)
 
-  from fszjax.data import defaults, glyphs, pipeline
+  from fszjax.data import arrays, defaults, glyphs, pipeline, vocab
 
   t = time.time()
   glyphs.prepare(glyphs.GlyphsOptions(), args.data_dir)
@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     cfg.num_threads = args.num_threads
   if args.num_workers is not None:
     cfg.num_workers = args.num_workers
-  pipeline.get_tokenizer(cfg)  # trains + caches once
+  vocab.get_tokenizer(cfg)  # trains + caches once
   it = pipeline.make_train_iterator(cfg, global_batch=args.batch, seed=0, process_index=0, process_count=1)
   for _ in range(args.warmup):
     next(it)
@@ -48,14 +48,14 @@ def main(argv=None) -> dict:
   train_s = time.time() - t
   it.close()
   t = time.time()
-  arrays = pipeline.load_split_arrays(cfg, "test_fonts")
+  split_arrays = arrays.load_split_arrays(cfg, "test_fonts")
   eval_s = time.time() - t
   result = {
       "bench": "pipeline", "config": "glyphs (32x32x1, affine aug, L=16)",
       "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
       "num_threads": cfg.num_threads, "num_workers": cfg.num_workers, "batch": args.batch,
       "train_examples_per_s": round(args.batch * args.batches / train_s, 1),
-      "eval_examples_per_s": round(len(arrays["label"]) / eval_s, 1),
+      "eval_examples_per_s": round(len(split_arrays["label"]) / eval_s, 1),
       "prepare_or_check_s": round(prepare_s, 2),
   }
   print(json.dumps(result))

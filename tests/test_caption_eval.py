@@ -15,7 +15,7 @@ from fszjax import config as config_lib
 from fszjax import evaluate
 from fszjax import metrics as metrics_lib
 from fszjax.data import defaults
-from fszjax.data import pipeline as P
+from fszjax.data import arrays as arrays_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -193,7 +193,7 @@ def test_load_split_arrays_gives_every_caption(tmp_path):
   import tensorflow_datasets as tfds
 
   with tfds.testing.mock_data(num_examples=6):
-    a = P.load_split_arrays(_coco_cfg(tmp_path), "val")
+    a = arrays_lib.load_split_arrays(_coco_cfg(tmp_path), "val")
   assert a["class_names"] is None and (a["label"] == -1).all()
   assert len(a["captions"]) == 6 and all(isinstance(c, list) for c in a["captions"])
   assert sum(len(c) for c in a["captions"]) > 6  # several captions per image

@@ -9,7 +9,7 @@ import pytest
 from data_testlib import glyph_cfg, glyphs_data_dir, write_image_folder
 
 from fszjax.data import defaults, image_text
-from fszjax.data import pipeline as P
+from fszjax.data import arrays, errors as data_errors, pipeline, sources, vocab
 
 
 @pytest.fixture(scope="session")
@@ -64,35 +64,35 @@ def ids(batches):
 
 def test_glyph_batches_have_the_documented_shapes(gdata):
   cfg = glyph_cfg(gdata)
-  it = P.make_train_iterator(cfg, global_batch=8, seed=0, process_index=0, process_count=2)
+  it = pipeline.make_train_iterator(cfg, global_batch=8, seed=0, process_index=0, process_count=2)
   b = next(it)
   assert set(b) == {"image", "tokens", "label"}
   assert b["image"].shape == (4, 32, 32, 1) and b["image"].dtype == np.float32
   assert b["tokens"].shape == (4, 16) and b["tokens"].dtype == np.int32
   assert b["label"].shape == (4,) and b["label"].dtype == np.int32
   assert -1.0 <= b["image"].min() and b["image"].max() <= 1.0
-  tok = P.get_tokenizer(cfg)
+  tok = vocab.get_tokenizer(cfg)
   assert tok.vocab_size == 256 and (b["tokens"].max(axis=1) == tok.eot_id).all()
-  names = P.class_names(cfg, "train")
+  names = sources.class_names(cfg, "train")
   assert tok.decode(b["tokens"]) == [names[i] for i in b["label"]]
 
 
 def test_same_seed_same_batches(gdata):
   cfg = glyph_cfg(gdata)
-  a = take(P.make_train_iterator(cfg, global_batch=8, seed=3, process_index=0, process_count=1), 3)
-  b = take(P.make_train_iterator(cfg, global_batch=8, seed=3, process_index=0, process_count=1), 3)
-  c = take(P.make_train_iterator(cfg, global_batch=8, seed=4, process_index=0, process_count=1), 1)
+  a = take(pipeline.make_train_iterator(cfg, global_batch=8, seed=3, process_index=0, process_count=1), 3)
+  b = take(pipeline.make_train_iterator(cfg, global_batch=8, seed=3, process_index=0, process_count=1), 3)
+  c = take(pipeline.make_train_iterator(cfg, global_batch=8, seed=4, process_index=0, process_count=1), 1)
   assert_same(a, b)
   assert not np.array_equal(a[0]["image"], c[0]["image"])
 
 
 def test_restored_iterator_continues_exactly(gdata):
   cfg = glyph_cfg(gdata)
-  it = P.make_train_iterator(cfg, global_batch=8, seed=1, process_index=0, process_count=1)
+  it = pipeline.make_train_iterator(cfg, global_batch=8, seed=1, process_index=0, process_count=1)
   take(it, 3)
   state = json.loads(json.dumps(it.get_state()))  # what the Orbax handler stores
   expected = take(it, 3)
-  fresh = P.make_train_iterator(cfg, global_batch=8, seed=1, process_index=0, process_count=1)
+  fresh = pipeline.make_train_iterator(cfg, global_batch=8, seed=1, process_index=0, process_count=1)
   fresh.set_state(state)
   assert_same(take(fresh, 3), expected)
 
@@ -102,33 +102,33 @@ def test_grain_orbax_checkpoint_handler(gdata, tmp_path):
   from etils import epath
 
   cfg = glyph_cfg(gdata)
-  it = P.make_train_iterator(cfg, global_batch=4, seed=2, process_index=0, process_count=1)
+  it = pipeline.make_train_iterator(cfg, global_batch=4, seed=2, process_index=0, process_count=1)
   take(it, 2)
   handler = grain.checkpoint.CheckpointHandler()
   handler.save(epath.Path(tmp_path), args=grain.checkpoint.CheckpointSave(it))
   expected = take(it, 2)
-  fresh = P.make_train_iterator(cfg, global_batch=4, seed=2, process_index=0, process_count=1)
+  fresh = pipeline.make_train_iterator(cfg, global_batch=4, seed=2, process_index=0, process_count=1)
   handler.restore(epath.Path(tmp_path), args=grain.checkpoint.CheckpointRestore(fresh))
   assert_same(take(fresh, 2), expected)
 
 
 def test_load_split_arrays_and_class_names(gdata):
   cfg = glyph_cfg(gdata)
-  a = P.load_split_arrays(cfg, "test_classes", max_examples=20)
+  a = arrays.load_split_arrays(cfg, "test_classes", max_examples=20)
   n = len(a["label"])
   assert n == 20 and a["image"].shape == (20, 32, 32, 1) and a["image"].dtype == np.float32
-  assert a["class_names"] == P.class_names(cfg, "test_classes")
+  assert a["class_names"] == sources.class_names(cfg, "test_classes")
   assert [a["class_names"][i] for i in a["label"]] == a["text"]
   assert len(a["font"]) == n and (a["domain"] >= 0).all() and len(a["script"]) == n
-  b = P.load_split_arrays(cfg, "test_fonts", max_examples=5)
-  assert b["class_names"] == P.class_names(cfg, "train")  # shares the train label space
-  assert all("{}" in t for t in P.prompt_templates(cfg))
+  b = arrays.load_split_arrays(cfg, "test_fonts", max_examples=5)
+  assert b["class_names"] == sources.class_names(cfg, "train")  # shares the train label space
+  assert all("{}" in t for t in sources.prompt_templates(cfg))
 
 
 def test_unprepared_glyphs_names_the_command(tmp_path):
   cfg = glyph_cfg(str(tmp_path))
-  with pytest.raises(P.DataNotPreparedError) as e:
-    P.make_train_iterator(cfg, global_batch=4, seed=0, process_index=0, process_count=1)
+  with pytest.raises(data_errors.DataNotPreparedError) as e:
+    pipeline.make_train_iterator(cfg, global_batch=4, seed=0, process_index=0, process_count=1)
   msg = str(e.value)
   assert "\n" not in msg and f"fszjax prepare glyphs --data_dir {tmp_path}" in msg
 
@@ -136,16 +136,16 @@ def test_unprepared_glyphs_names_the_command(tmp_path):
 def test_unprepared_catalog_dataset_names_the_command(tmp_path):
   cfg = defaults.tfds_data_config("cifar10")
   cfg.data_dir = str(tmp_path)
-  with pytest.raises(P.DataNotPreparedError) as e:
-    P.load_split_arrays(cfg, "test")
+  with pytest.raises(data_errors.DataNotPreparedError) as e:
+    arrays.load_split_arrays(cfg, "test")
   msg = str(e.value)
   assert "\n" not in msg and f"fszjax prepare tfds cifar10 --data_dir {tmp_path}" in msg
 
 
 def test_unknown_feature_key_lists_available_keys(gdata):
   cfg = glyph_cfg(gdata, label_key="class_id")
-  with pytest.raises(P.FeatureKeyError) as e:
-    P.load_split_arrays(cfg, "val")
+  with pytest.raises(data_errors.FeatureKeyError) as e:
+    arrays.load_split_arrays(cfg, "val")
   msg = str(e.value)
   assert "'class_id'" in msg and "data.label_key" in msg
   for key in ("codepoint", "font", "image", "label", "text"):
@@ -153,8 +153,8 @@ def test_unknown_feature_key_lists_available_keys(gdata):
 
 
 def test_unknown_split_lists_available_splits(gdata):
-  with pytest.raises(P.DataError, match="available splits: .*test_scripts"):
-    P.load_split_arrays(glyph_cfg(gdata), "validation")
+  with pytest.raises(data_errors.DataError, match="available splits: .*test_scripts"):
+    arrays.load_split_arrays(glyph_cfg(gdata), "validation")
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -164,7 +164,7 @@ def test_process_shards_are_disjoint_and_cover_an_epoch(folder):
   cfg = folder_cfg(folder)  # 24 examples, each a distinct gray level
   shards = []
   for p in range(2):
-    it = P.make_train_iterator(cfg, global_batch=8, seed=0, process_index=p, process_count=2)
+    it = pipeline.make_train_iterator(cfg, global_batch=8, seed=0, process_index=p, process_count=2)
     shards.append(ids(take(it, 3)))  # 3 x 4 = 12 per process = one epoch together
   assert len(set(shards[0])) == 12 and len(set(shards[1])) == 12
   assert not set(shards[0]) & set(shards[1])
@@ -173,15 +173,15 @@ def test_process_shards_are_disjoint_and_cover_an_epoch(folder):
 
 def test_epochs_are_reshuffled_and_complete(folder):
   cfg = folder_cfg(folder)
-  it = P.make_train_iterator(cfg, global_batch=8, seed=0, process_index=0, process_count=1)
+  it = pipeline.make_train_iterator(cfg, global_batch=8, seed=0, process_index=0, process_count=1)
   e1, e2 = ids(take(it, 3)), ids(take(it, 3))
   assert sorted(e1) == sorted(e2) and len(set(e1)) == 24
   assert e1 != e2
 
 
 def test_global_batch_must_divide(folder):
-  with pytest.raises(P.DataError, match="multiple of 3"):
-    P.make_train_iterator(folder_cfg(folder), global_batch=8, seed=0, process_index=0, process_count=3)
+  with pytest.raises(data_errors.DataError, match="multiple of 3"):
+    pipeline.make_train_iterator(folder_cfg(folder), global_batch=8, seed=0, process_index=0, process_count=3)
 
 
 # ----------------------------------------------------------------------------- mixtures
@@ -195,14 +195,14 @@ def test_mixture_is_weighted_deterministic_and_resumable(gdata, folder):
       {"name": "user_image_folder/animals", "data_dir": folder, "weight": 1.0, "text_key": None,
        "domain_key": "domain", "augment": {"affine": False}},
   )
-  tok = P.get_tokenizer(cfg)
-  it = P.make_train_iterator(cfg, global_batch=16, seed=0, process_index=0, process_count=1)
+  tok = vocab.get_tokenizer(cfg)
+  it = pipeline.make_train_iterator(cfg, global_batch=16, seed=0, process_index=0, process_count=1)
   batches = take(it, 4)
   texts = [t for b in batches for t in tok.decode(b["tokens"])]
   assert sum(t in ("zebra", "yak", "ibis") for t in texts) == 16  # exactly 1 in 4
   state = it.get_state()
   expected = take(it, 2)
-  again = P.make_train_iterator(cfg, global_batch=16, seed=0, process_index=0, process_count=1)
+  again = pipeline.make_train_iterator(cfg, global_batch=16, seed=0, process_index=0, process_count=1)
   assert_same(take(again, 4), batches)
   again.set_state(state)
   assert_same(take(again, 2), expected)
@@ -219,11 +219,11 @@ def test_undecodable_image_is_skipped_and_counted(tmp_path):
   image_text.prepare_image_folder(root, "bad", data_dir=str(tmp_path / "data"))
   cfg = folder_cfg(str(tmp_path / "data"))
   cfg.name = "user_image_folder/bad"
-  it = P.make_train_iterator(cfg, global_batch=2, seed=0, process_index=0, process_count=1)
+  it = pipeline.make_train_iterator(cfg, global_batch=2, seed=0, process_index=0, process_count=1)
   batches = take(it, 10)  # 10 epochs of 9 good + 1 bad image
   assert all(b["image"].shape == (2, 8, 8, 1) for b in batches)
   assert it.num_skipped >= 1 and it.get_state()["num_skipped"] == it.num_skipped
-  a = P.load_split_arrays(cfg, "train")
+  a = arrays.load_split_arrays(cfg, "train")
   assert a["num_skipped"] == 1 and len(a["label"]) == 9
 
 
@@ -235,7 +235,7 @@ def test_image_folder_with_domains(tmp_path):
   image_text.prepare_image_folder(root, "dg", data_dir=str(tmp_path / "data"))
   cfg = folder_cfg(str(tmp_path / "data"), domain_key="domain")
   cfg.name = "user_image_folder/dg"
-  a = P.load_split_arrays(cfg, "train")
+  a = arrays.load_split_arrays(cfg, "train")
   assert a["class_names"] == ["ibis", "yak", "zebra"]
   assert sorted(set(a["domain_name"])) == ["photo", "sketch"] and len(a["label"]) == 12
   assert [a["class_names"][i] for i in a["label"]] == a["text"]
@@ -252,11 +252,11 @@ def test_image_captions_manifest(tmp_path):
   image_text.prepare_image_captions(str(tmp_path / "m.tsv"), "caps", data_dir=str(tmp_path / "data"))
   cfg = folder_cfg(str(tmp_path / "data"), text_key="captions", label_key=None)
   cfg.name = "user_image_captions/caps"
-  it = P.make_train_iterator(cfg, global_batch=2, seed=0, process_index=0, process_count=1)
-  tok = P.get_tokenizer(cfg)
+  it = pipeline.make_train_iterator(cfg, global_batch=2, seed=0, process_index=0, process_count=1)
+  tok = vocab.get_tokenizer(cfg)
   seen = {t for b in take(it, 6) for t in tok.decode(b["tokens"])}
   assert seen <= {"a yak in the snow", "a hairy animal", "a sketch of a yak"} and len(seen) >= 2
-  a = P.load_split_arrays(cfg, "train")
+  a = arrays.load_split_arrays(cfg, "train")
   assert sorted(a["text"]) == ["a sketch of a yak", "a yak in the snow"] and a["class_names"] is None
 
 
@@ -267,8 +267,8 @@ def test_users_data_errors(tmp_path):
     image_text.prepare_image_folder(str(tmp_path), "bad name", data_dir=str(tmp_path))
   cfg = folder_cfg(str(tmp_path))
   cfg.name = "user_image_folder/never"
-  with pytest.raises(P.DataNotPreparedError, match="fszjax prepare folder ROOT --name never"):
-    P.load_split_arrays(cfg, "train")
+  with pytest.raises(data_errors.DataNotPreparedError, match="fszjax prepare folder ROOT --name never"):
+    arrays.load_split_arrays(cfg, "train")
 
 
 # ----------------------------------------------------------------------------- catalog (mocked)
@@ -291,11 +291,11 @@ def test_catalog_datasets_through_the_pipeline(name, split, kw, tmp_path):
   for k, v in kw.items():
     cfg[k] = v
   with tfds.testing.mock_data(num_examples=8):
-    it = P.make_train_iterator(cfg, global_batch=4, seed=0, process_index=0, process_count=1)
+    it = pipeline.make_train_iterator(cfg, global_batch=4, seed=0, process_index=0, process_count=1)
     b = next(it)
     assert b["image"].shape == (4, 16, 16, 3) and b["image"].dtype == np.float32
     assert b["tokens"].shape == (4, 32) and b["label"].shape == (4,)
-    a = P.load_split_arrays(cfg, split, max_examples=4)
+    a = arrays.load_split_arrays(cfg, split, max_examples=4)
     assert a["image"].shape == (4, 16, 16, 3) and len(a["text"]) == 4
     if kw.get("label_key", "label"):
       assert a["class_names"] and (a["label"] < len(a["class_names"])).all()
@@ -303,16 +303,16 @@ def test_catalog_datasets_through_the_pipeline(name, split, kw, tmp_path):
 
 def test_worker_processes_give_the_same_batches_and_resume(gdata):
   cfg = glyph_cfg(gdata)
-  threads = take(P.make_train_iterator(cfg, global_batch=8, seed=5, process_index=0, process_count=1), 3)
+  threads = take(pipeline.make_train_iterator(cfg, global_batch=8, seed=5, process_index=0, process_count=1), 3)
   cfg.num_workers = 1
-  it = P.make_train_iterator(cfg, global_batch=8, seed=5, process_index=0, process_count=1)
+  it = pipeline.make_train_iterator(cfg, global_batch=8, seed=5, process_index=0, process_count=1)
   try:
     assert_same(take(it, 1), threads[:1])
     state = it.get_state()
     assert_same(take(it, 2), threads[1:])
   finally:
     it.close()
-  again = P.make_train_iterator(cfg, global_batch=8, seed=5, process_index=0, process_count=1)
+  again = pipeline.make_train_iterator(cfg, global_batch=8, seed=5, process_index=0, process_count=1)
   try:
     again.set_state(state)
     assert_same(take(again, 2), threads[1:])

@@ -9,7 +9,7 @@ import pytest
 import data_testlib
 import fszjax
 from fszjax import config as config_lib, pretrain
-from fszjax.data import pipeline
+from fszjax.data import arrays
 from fszjax.errors import UserError
 from fszjax.fewshot import api, inner
 from test_portable_workdir import TINY_RUN
@@ -30,7 +30,7 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def task(run):
   model = fszjax.load(run)
-  data = pipeline.load_split_arrays(model.config.data, "test_classes")
+  data = arrays.load_split_arrays(model.config.data, "test_classes")
   t = api.split_task(data["label"], n_way=5, k_shot=3, seed=1)
   names = [data["class_names"][c] for c in t.classes]
   return model, data["image"][t.support], t.support_y, data["image"][t.query], t.query_y, names

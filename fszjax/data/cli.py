@@ -83,7 +83,7 @@ def _prepare_tfds(name: str, data_dir: str | None, manual_dir: str | None) -> st
   import tensorflow_datasets as tfds  # noqa: PLC0415
 
   from fszjax.data import glyphs  # noqa: PLC0415
-  from fszjax.data.pipeline import DataError  # noqa: PLC0415
+  from fszjax.data.errors import DataError  # noqa: PLC0415
 
   data_dir = glyphs.default_data_dir(data_dir)
   try:
