@@ -6,8 +6,8 @@
   fszjax prepare folder ROOT --name NAME [--data_dir D] [--layout auto|classes|domains]
   fszjax prepare captions MANIFEST --name NAME [--data_dir D]
 
-`data_dir` defaults to TFDS's ($TFDS_DATA_DIR or ~/tensorflow_datasets). Only argparse
-is imported here; the builders load when a command runs.
+`data_dir` defaults to TFDS's ($TFDS_DATA_DIR or ~/tensorflow_datasets). TensorFlow
+Datasets loads when a command runs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ import os
 import sys
 import time
 from typing import Sequence
+
+from fszjax.data import glyphs, image_text
+from fszjax.data.errors import DataError
+from fszjax.errors import is_user_error
 
 
 def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
@@ -67,8 +71,6 @@ _KNOWN_EXCLUDED = ("LastResortHE-Regular", "cmb10", "cmex10", "cmmi10", "cmr10",
 
 def glyphs_options(args):
   """The `GlyphsOptions` of `fszjax prepare glyphs` flags."""
-  from fszjax.data import glyphs  # noqa: PLC0415
-
   held = tuple(glyphs.DEFAULT_HELD_OUT_FONTS) + tuple(args.heldout_fonts) + tuple(
       os.path.abspath(d) for d in args.heldout_font_dir)
   for d in args.heldout_font_dir:
@@ -80,10 +82,7 @@ def glyphs_options(args):
 
 
 def _prepare_tfds(name: str, data_dir: str | None, manual_dir: str | None) -> str:
-  import tensorflow_datasets as tfds  # noqa: PLC0415
-
-  from fszjax.data import glyphs  # noqa: PLC0415
-  from fszjax.data.errors import DataError  # noqa: PLC0415
+  import tensorflow_datasets as tfds  # noqa: PLC0415  (optional where only `bench` runs)
 
   data_dir = glyphs.default_data_dir(data_dir)
   try:
@@ -102,8 +101,6 @@ def run_prepare(args, overrides: Sequence = ()) -> int:
   del overrides
   start = time.time()
   if args.what == "glyphs":
-    from fszjax.data import glyphs  # noqa: PLC0415
-
     options = glyphs_options(args)
     was = glyphs.is_prepared(options, args.data_dir)
     path = glyphs.prepare(options, args.data_dir)
@@ -129,14 +126,10 @@ def run_prepare(args, overrides: Sequence = ()) -> int:
     path = _prepare_tfds(args.name, args.data_dir, args.manual_dir)
     print(f"{args.name} prepared in {path} ({time.time() - start:.1f} s)")
   elif args.what == "folder":
-    from fszjax.data import image_text  # noqa: PLC0415
-
     path = image_text.prepare_image_folder(args.root, args.name, args.data_dir, layout=args.layout)
     print(f"prepared {path} ({time.time() - start:.1f} s); read it with "
           f"--config.data.name=user_image_folder/{args.name}")
   elif args.what == "captions":
-    from fszjax.data import image_text  # noqa: PLC0415
-
     path = image_text.prepare_image_captions(args.manifest, args.name, args.data_dir)
     print(f"prepared {path} ({time.time() - start:.1f} s); read it with "
           f"--config.data.name=user_image_captions/{args.name} --config.data.text_key=captions "
@@ -152,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     return int(args.func(args, ()) or 0)
   except Exception as e:  # noqa: BLE001
-    if getattr(e, "user_error", False) or isinstance(e, FileNotFoundError):
+    if is_user_error(e):
       print(f"fszjax: error: {e}", file=sys.stderr)
       return 2
     raise

@@ -29,12 +29,16 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from fszjax.errors import UserError
 
 MODES = ("any", "same_domain", "cross_domain")
 
 
-class EpisodeError(ValueError):
+class EpisodeError(UserError):
   """The dataset cannot provide the requested episodes; the message names the fix."""
 
 
@@ -304,8 +308,6 @@ def to_device(images: Any, labels: Any, *, min_count: int = 1) -> dict:
   (padded with 0), 'counts': (C,) int32, 'class_ids': (C,) int32 original labels}``; M is
   the largest class size. Classes with fewer than `min_count` examples are dropped.
   """
-  import jax.numpy as jnp
-
   labels = np.asarray(labels).astype(np.int64)
   groups = {c: ix for c, ix in _group(labels).items() if len(ix) >= min_count}
   if not groups:
@@ -329,9 +331,6 @@ def sample_tasks(key, device_data: dict, n_way: int, k_shot: int, q_query: int,
   distinct, and so are the examples of a class within a task.
   Returns the dict of the module doc (jax arrays), without domain fields.
   """
-  import jax
-  import jax.numpy as jnp
-
   table, counts = device_data["table"], device_data["counts"]
   need = k_shot + q_query
   if need > table.shape[1]:

@@ -33,6 +33,7 @@ import os
 import re
 from typing import Any
 
+from fszjax.data.glyphs import default_data_dir
 from fszjax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -314,8 +315,6 @@ def builders():
 
 
 def _prepare(kind: str, name: str, data_dir: str | None, **config_kwargs) -> str:
-  from fszjax.data.glyphs import default_data_dir  # noqa: PLC0415
-
   _check_name(name)
   builder_cls, config_cls = builders()[kind]
   data_dir = default_data_dir(data_dir)
