@@ -13,7 +13,7 @@ from fszjax import checkpoint as ckpt_lib
 from fszjax import config as config_lib
 from fszjax import evaluate, inference, pretrain, sharding
 from fszjax import workdir as workdir_lib
-from fszjax.data import pipeline
+from fszjax.data import errors as data_errors
 
 
 def _logging():
@@ -77,8 +77,8 @@ def evaluate_checkpoint(workdir: str | None, checkpoint: str | None, overrides=(
   try:
     with jax.set_mesh(mesh):
       result = evaluate.run_evaluators(cfg, model, state.params, tokenizer)
-  except pipeline.DataError as e:
-    raise pipeline.DataError(
+  except data_errors.DataError as e:
+    raise data_errors.DataError(
         f"{e}; or, where the dataset is prepared elsewhere, pass --config.data.data_dir=DIR "
         "(another dataset: --config.data.name=NAME, --config.eval.splits=[...])") from None
   result = {"steps": step, **result}
