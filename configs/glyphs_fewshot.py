@@ -43,10 +43,12 @@ def get_config(arg=None):
   # proto_zs_adapt (head from zero-shot text embeddings + support prototypes, Proto-MAML
   # style, then SGD) and tip_adapter (training-free support cache + zero-shot logits).
   # Their hyper-parameters are chosen per setting on `val` (val queries, train supports
-  # from other fonts), never on test splits.
+  # from other fonts), never on test splits. gate: the zero-shot share of each task is
+  # scaled by the zero-shot classifier's (chance-corrected) accuracy on that task's own
+  # support set, so unseen scripts (where naming fails) fall back to the support set.
   c.fewshot.transfer = ml_collections.ConfigDict(dict(
-      enabled=True, val_split="val", val_episodes=300,
-      proto_weights=[0.25, 0.5, 0.75, 1.0], steps=[0, 10, 30], lrs=[0.1, 0.5, 2.0],
+      enabled=True, gate=True, val_split="val", val_episodes=300,
+      proto_weights=[0.25, 0.5, 0.75, 1.0], steps=[0, 10, 30], lrs=[2.0, 8.0],
       alphas=[0.25, 0.5, 1.0, 2.0], betas=[1.0, 3.0, 5.5, 10.0]))
   c.log_every = 25
   c.checkpoint = ml_collections.ConfigDict(dict(save_every=50, keep=2, on_save_error="stop"))

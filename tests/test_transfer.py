@@ -63,13 +63,32 @@ def test_tip_adapter_limits():
 
 def test_make_feature_eval_batches_tasks():
   fs, ys, fq, yq, text = _task(3)
-  fn = transfer.make_feature_eval(5, 20.0, 0.0, 1.0, 0, 0.5, 0.0, 1.0)
+  fn = transfer.make_feature_eval(5, 20.0, 0.0, 1.0, 0, 0.5, 0.0, 1.0, False)
   st = lambda x: np.stack([x, x])
   out = fn(st(fs), st(ys), st(fq), st(yq), st(text), np.zeros((2, 1, 1)), np.zeros((2, 1, 1)))
   proto_acc = np.mean(np.argmax(_proto_logits(fs, ys, fq, 5), 1) == yq)
   zs_acc = np.mean(np.argmax(fq @ text.T, 1) == yq)
   np.testing.assert_allclose(np.asarray(out["proto_zs_adapt"]), [proto_acc] * 2, atol=1e-6)
   np.testing.assert_allclose(np.asarray(out["tip_adapter"]), [zs_acc] * 2, atol=1e-6)
+
+
+def test_support_gate():
+  fs, ys, fq, _, text = _task(4)
+  # Text embeddings equal to the support features: zero-shot names the support right.
+  good = np.stack([fs[ys == j][0] for j in range(5)])
+  assert float(transfer.support_gate(fs[::2], ys[::2], good, 5)) == 1.0
+  # A zero-shot classifier that names every support example wrong: gate 0, so the gated
+  # methods are ProtoNets and the cache alone.
+  bad = np.roll(good, 1, axis=0)
+  assert float(transfer.support_gate(fs[::2], ys[::2], bad, 5)) == 0.0
+  sx, sy = fs[::2], ys[::2]
+  gated = np.asarray(transfer.proto_zeroshot_adapt(sx, sy, fq, bad, 5, 20.0, 1.0, 0.25, 0, 0.5,
+                                                   gate=True))
+  proto = np.asarray(transfer.proto_zeroshot_adapt(sx, sy, fq, bad, 5, 20.0, 1.0, 1.0, 0, 0.5))
+  np.testing.assert_allclose(gated, proto, rtol=1e-5, atol=1e-4)
+  tip = np.asarray(transfer.tip_adapter_logits(sx, sy, fq, bad, 5, 20.0, 0.0, 1.0, 3.0, gate=True))
+  cache = 20.0 * np.exp(-3.0 * (1 - fq @ sx.T)) @ np.eye(5)[sy]
+  np.testing.assert_allclose(tip, cache, rtol=1e-5, atol=1e-4)
 
 
 def test_cross_font_episodes_support_in_other_fonts():
@@ -112,10 +131,11 @@ def test_conv_stem_grid_and_params():
   assert z.shape == (10, 8) and extra["tokens"].shape == (10, 4, 16)
   assert set(params["stem"]) == {"s0", "n0", "s1", "n1", "embedding"}
   assert "embedding" not in params  # the patch convolution is replaced
-  assert stem_lib.num_strided(4, (4, 8, 8)) == 2
-  for bad in ((6, (4, 8)), (8, (4, 8))):
+  assert stem_lib.layer_plan(4, (4, 8, 8)) == [(4, 2), (8, 2), (8, 1)]
+  assert stem_lib.layer_plan(8, (4, 8)) == [(4, 2), (8, 2), (8, 2)]  # last width repeats
+  for bad in ((6, (4, 8)), (8, ())):
     try:
-      stem_lib.num_strided(*bad)
+      stem_lib.layer_plan(*bad)
     except ValueError:
       continue
     raise AssertionError(f"{bad} accepted")

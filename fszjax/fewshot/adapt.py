@@ -493,6 +493,7 @@ def _transfer_towers(config, encoder, data_cfg, templates, train: SplitData,
   proto_grid = [c for c in proto_grid if c["steps"] > 0 or c["lr"] == tcfg.lrs[0]]
   tip_grid = transfer.grid({"alpha": list(tcfg.alphas), "beta": list(tcfg.betas)})
   chosen, methods = {}, {}
+  gate = bool(tcfg.get("gate", True))
   for setting in fcfg.settings:
     n_way, k_shot = parse_setting(setting)
     eps = transfer.cross_font_episodes(train.labels, tdom, vy[keep], vdom, n_way=n_way,
@@ -506,7 +507,7 @@ def _transfer_towers(config, encoder, data_cfg, templates, train: SplitData,
     args = args[:5] + (np.zeros((len(eps["query"]), 1, 1), np.float32),) * 2
 
     def score(c, m, base):
-      fn = transfer.make_feature_eval(n_way, scale, bias, **{**base, **c})
+      fn = transfer.make_feature_eval(n_way, scale, bias, **{**base, **c}, gate=gate)
       return float(np.mean(np.asarray(fn(*args)[m])))
 
     tip0 = {"alpha": float(tcfg.alphas[0]), "beta": float(tcfg.betas[0])}
@@ -518,7 +519,7 @@ def _transfer_towers(config, encoder, data_cfg, templates, train: SplitData,
     chosen[setting] = {"proto_zs_adapt": pz, "tip_adapter": tip}
     fn = transfer.make_feature_eval(
         n_way, scale, bias, float(pz["proto_weight"]), int(pz["steps"]), float(pz["lr"]),
-        float(tip["alpha"]), float(tip["beta"]))
+        float(tip["alpha"]), float(tip["beta"]), gate)
     for split, d in data.items():
       sampler = samplers.get((split, setting, config.seed))
       if sampler is None:

@@ -58,9 +58,27 @@ def proto_zeroshot_head(fs: jax.Array, ys: jax.Array, text: jax.Array, n_way: in
           "b": (1.0 - a) * zs["b"] + a * scale * ph["b"]}
 
 
+def support_gate(fs, ys, text, n_way: int) -> jax.Array:
+  """How far the zero-shot classifier can be trusted on this task, from its support set
+  alone: its chance-corrected support accuracy, clipped to [0, 1] (1: every support
+  example named right; 0: no better than chance, e.g. on scripts the text tower never saw)."""
+  acc = inner_lib.accuracy(fs @ inner_lib.l2_normalize(text).T, ys)
+  return jnp.clip((acc - 1.0 / n_way) / (1.0 - 1.0 / n_way), 0.0, 1.0)
+
+
+def gated_proto_weight(fs, ys, text, n_way: int, proto_weight: float) -> jax.Array:
+  """``1 - (1 - proto_weight) * support_gate``: the zero-shot share shrinks to 0 on tasks
+  whose support set the zero-shot classifier gets no better than chance."""
+  return 1.0 - (1.0 - proto_weight) * support_gate(fs, ys, text, n_way)
+
+
 def proto_zeroshot_adapt(fs, ys, fq, text, n_way: int, scale: float, bias: float,
-                         proto_weight: float, steps: int, lr: float) -> jax.Array:
-  """Query logits of `proto_zeroshot_head` after `steps` SGD steps on the support set."""
+                         proto_weight: float, steps: int, lr: float,
+                         gate: bool = False) -> jax.Array:
+  """Query logits of `proto_zeroshot_head` after `steps` SGD steps on the support set.
+  gate: use `gated_proto_weight` (per task, from the support set) instead of proto_weight."""
+  if gate:
+    proto_weight = gated_proto_weight(fs, ys, text, n_way, proto_weight)
   head0 = proto_zeroshot_head(fs, ys, text, n_way, scale, bias, proto_weight)
   head, _ = inner_lib.inner_loop(
       lambda h: inner_lib.cross_entropy(inner_lib.linear_head(h, fs), ys), head0,
@@ -69,13 +87,16 @@ def proto_zeroshot_adapt(fs, ys, fq, text, n_way: int, scale: float, bias: float
 
 
 def tip_adapter_logits(fs, ys, fq, text, n_way: int, scale: float, bias: float,
-                       alpha: float, beta: float) -> jax.Array:
+                       alpha: float, beta: float, gate: bool = False) -> jax.Array:
   """Zero-shot logits + ``alpha * scale * exp(-beta (1 - fq.fs)) @ onehot(ys)``.
 
   Features are L2-normalised. alpha = 0 (or beta = 0 with balanced shots, where every
-  class gets the same cache score) gives the zero-shot classifier exactly.
+  class gets the same cache score) gives the zero-shot classifier exactly. gate: the
+  zero-shot logits are multiplied by `support_gate` (0: the cache alone).
   """
   zs = scale * fq @ inner_lib.l2_normalize(text).T + bias
+  if gate:
+    zs = zs * support_gate(fs, ys, text, n_way)
   aff = jnp.exp(-beta * (1.0 - fq @ fs.T))  # (Q, S)
   cache = aff @ jax.nn.one_hot(ys, n_way, dtype=fq.dtype)  # (Q, N)
   return zs + alpha * scale * cache
@@ -84,20 +105,28 @@ def tip_adapter_logits(fs, ys, fq, text, n_way: int, scale: float, bias: float,
 FEATURE_METHODS = ("proto_zs_adapt", "tip_adapter")
 
 
-@functools.lru_cache(maxsize=None)
 def make_feature_eval(n_way: int, scale: float, bias: float, proto_weight: float, steps: int,
-                      lr: float, alpha: float, beta: float) -> Callable:
+                      lr: float, alpha: float, beta: float, gate: bool = True) -> Callable:
   """jitted ``f(fs, ys, fq, yq, text, ps, pq) -> {method: acc (T,)}`` over T tasks (the
-  signature of `fszjax.fewshot.adapt.make_episode_eval`) for `FEATURE_METHODS`."""
+  signature of `fszjax.fewshot.adapt.make_episode_eval`) for `FEATURE_METHODS`. Only
+  n_way, steps and gate are compiled in: a grid over the other values reuses one program."""
+  fn = _feature_eval(int(n_way), int(steps), bool(gate))
+  hp = {k: np.float32(v) for k, v in dict(scale=scale, bias=bias, proto_weight=proto_weight,
+                                          lr=lr, alpha=alpha, beta=beta).items()}
+  return lambda fs, ys, fq, yq, text, ps, pq: fn(fs, ys, fq, yq, text, hp)
 
-  def one(fs, ys, fq, yq, text, ps, pq):
-    del ps, pq
-    pz = proto_zeroshot_adapt(fs, ys, fq, text, n_way, scale, bias, proto_weight, steps, lr)
-    tip = tip_adapter_logits(fs, ys, fq, text, n_way, scale, bias, alpha, beta)
+
+@functools.lru_cache(maxsize=None)
+def _feature_eval(n_way: int, steps: int, gate: bool) -> Callable:
+  def one(fs, ys, fq, yq, text, hp):
+    pz = proto_zeroshot_adapt(fs, ys, fq, text, n_way, hp["scale"], hp["bias"],
+                              hp["proto_weight"], steps, hp["lr"], gate)
+    tip = tip_adapter_logits(fs, ys, fq, text, n_way, hp["scale"], hp["bias"], hp["alpha"],
+                             hp["beta"], gate)
     return {"proto_zs_adapt": inner_lib.accuracy(pz, yq),
             "tip_adapter": inner_lib.accuracy(tip, yq)}
 
-  return jax.jit(jax.vmap(one))
+  return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, 0, None)))
 
 
 # ----------------------------------------------------------------------------- towers

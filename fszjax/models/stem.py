@@ -7,8 +7,8 @@ embedding's (``H / p x W / p``), so everything after the stem (position embeddin
 blocks, pooling) is unchanged and the same config scales from 32 px glyphs to B/16.
 
 ``channels`` lists the stem's 3x3 layers; the first ``log2(p)`` of them have stride 2 and
-any further ones stride 1, so ``p`` must be a power of two with at least ``log2(p)``
-layers. Parameters: ``stem/s{i}/{kernel, bias}``, ``stem/n{i}/{scale, bias}`` and the
+any further ones stride 1 (`layer_plan`; ``p`` must be a power of two, and when the list
+has fewer than ``log2(p)`` layers its last width repeats). Parameters: ``stem/s{i}/{kernel, bias}``, ``stem/n{i}/{scale, bias}`` and the
 1x1 projection ``stem/embedding/{kernel (1, 1, c, D), bias}`` (the ``s``/``n`` names keep
 the stem out of `fszjax.fewshot.inner`'s block numbering).
 """
@@ -22,15 +22,20 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 
-def num_strided(patch_size: int, channels: Sequence[int]) -> int:
-  """Number of stride-2 layers for `patch_size`; raises ValueError if impossible."""
+def layer_plan(patch_size: int, channels: Sequence[int]) -> list[tuple[int, int]]:
+  """``[(channels, stride)]`` of the stem's 3x3 layers for `patch_size`: one stride-2 layer
+  per factor 2 of the patch size (the last listed width repeats when the list is shorter),
+  then the remaining listed layers with stride 1. Raises ValueError for a patch size that
+  is not a power of two."""
   s = int(round(math.log2(patch_size))) if patch_size > 0 else -1
   if patch_size <= 0 or 2 ** s != patch_size:
-    raise ValueError(f"a convolutional stem needs a power-of-two patch size, got {patch_size}")
-  if len(channels) < s:
-    raise ValueError(f"stem channels {tuple(channels)} have {len(channels)} layers; patch size "
-                     f"{patch_size} needs at least {s} (one stride-2 layer per factor 2)")
-  return s
+    raise ValueError(f"a convolutional stem needs a power-of-two patch size, got {patch_size}; "
+                     "set config.model.image.stem=() for the plain patch embedding")
+  channels = [int(c) for c in channels]
+  if not channels:
+    raise ValueError("a convolutional stem needs at least one layer width")
+  widths = channels + [channels[-1]] * max(0, s - len(channels))
+  return [(c, 2 if i < s else 1) for i, c in enumerate(widths)]
 
 
 class ConvStem(nn.Module):
@@ -45,10 +50,8 @@ class ConvStem(nn.Module):
 
   @nn.compact
   def __call__(self, images):
-    strided = num_strided(self.patch_size, self.channels)
     x = images.astype(self.dtype)
-    for i, c in enumerate(self.channels):
-      stride = 2 if i < strided else 1
+    for i, (c, stride) in enumerate(layer_plan(self.patch_size, self.channels)):
       x = nn.Conv(
           int(c), (3, 3), strides=stride, padding="SAME", dtype=self.dtype,
           param_dtype=self.param_dtype, name=f"s{i}",
