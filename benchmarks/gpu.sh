@@ -19,6 +19,8 @@
 #   RUN_TIMEOUT   seconds per run before it is killed (default 150)
 #   STEPS         timed steps per pretrain run (default 8; the first compiles)
 #   FSZJAX_WHEELS folder of wheels for offline installs (pip --no-index --find-links)
+#   REQUIRE_GPU   0 = run without a GPU too (a dry run of this script on a CPU; default 1)
+#   EXTRA_ARGS    extra arguments for every pretrain run, e.g. tiny-model overrides
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,8 +41,9 @@ start=$(date +%s)
 say() { echo "gpu.sh: $*" | tee -a "$LOG" >&2; }
 
 # ---- the GPU and JAX
-if ! "$PY" -c 'import jax, sys; sys.exit(0 if jax.default_backend() == "gpu" else 1)' \
-  >>"$LOG" 2>&1; then
+if [[ "${REQUIRE_GPU:-1}" != "0" ]] &&
+  ! "$PY" -c 'import jax, sys; sys.exit(0 if jax.default_backend() == "gpu" else 1)' \
+    >>"$LOG" 2>&1; then
   say "no GPU visible to JAX ($PY); install jax[cuda12] (pip install -e '.[gpu]') and retry"
   exit 1
 fi
@@ -84,8 +87,10 @@ run() { # run NAME fszjax-args...
     return
   fi
   say "$name: fszjax $*"
-  local out rc=0
-  out=$(timeout "$RUN_TIMEOUT" "$PY" -m fszjax.cli "$@" 2>>"$LOG") || rc=$?
+  local out rc=0 errfile
+  errfile=$(mktemp -t fszjax-gpu-err.XXXXXX)
+  out=$(timeout "$RUN_TIMEOUT" "$PY" -m fszjax.cli "$@" 2>"$errfile") || rc=$?
+  cat "$errfile" >>"$LOG"
   local line
   line=$(printf '%s\n' "$out" | grep '^{' | tail -n 1 || true)
   if [[ $rc -eq 0 && -n "$line" ]]; then
@@ -96,14 +101,17 @@ run() { # run NAME fszjax-args...
     local why="exit $rc"
     if [[ $rc -eq 124 ]]; then why="timed out after ${RUN_TIMEOUT}s"; fi
     local err
-    err=$(grep -E 'RESOURCE_EXHAUSTED|Error|error' "$LOG" | tail -n 1 | cut -c1-300 || true)
+    err=$(grep -E 'RESOURCE_EXHAUSTED|Error|error' "$errfile" | tail -n 1 | cut -c1-300 || true)
     "$PY" -c 'import json, sys; print(json.dumps({"name": sys.argv[1], "error": sys.argv[2], "last_error_line": sys.argv[3]}))' \
       "$name" "$why" "$err" >>"$RUNS"
     say "$name: failed ($why)"
   fi
+  rm -f "$errfile"
 }
 
-B16=(bench pretrain --config configs/siglip_b16.py --steps "$STEPS" --config.model.dtype=bfloat16)
+read -r -a extra <<<"${EXTRA_ARGS:-}"
+B16=(bench pretrain --config configs/siglip_b16.py --steps "$STEPS" --config.model.dtype=bfloat16
+  "${extra[@]}")
 run b16_bs256_xla_none "${B16[@]}" --config.batch_size=256 --config.model.remat=none
 run b16_bs256_cudnn_none "${B16[@]}" --config.batch_size=256 --config.model.remat=none \
   --config.model.attn_impl=cudnn

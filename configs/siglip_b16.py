@@ -7,7 +7,8 @@
 Shapes follow the SigLIP paper's B/16: 224px, learned position embedding, MAP pooling,
 a bidirectional B-sized text tower over 64 SentencePiece tokens, 768-d embeddings.
 The parameters and optimizer state are FSDP-sharded over all devices by default (mesh
-fsdp=-1). Sized for a TPU v5e-256 slice (global batch 32k = 128 per chip); check any other
+fsdp=-1). Sized for a TPU v5e-256 slice (global batch 32k = 128 per chip, 2.4 GiB per
+chip); v5e-64 is the smallest v5e slice that holds 32k (512 per chip, 9.2 GiB). Check any
 slice before booking it: ``fszjax compile --config configs/siglip_b16.py --topology v5e:16x16``.
 """
 
