@@ -349,7 +349,7 @@ def _run(python: str, worker: str, steps: int, warmup: int, timeout: float, *, t
   return {"error": f"{worker} failed (exit {p.returncode}): {(p.stderr or p.stdout)[-800:]}"}
 
 
-STEPS = {"train": (6, 2), "encode": (4, 1), "maml": (4, 1)}  # (timed, warmup) per run
+STEPS = {"train": (5, 2), "encode": (3, 1), "maml": (4, 1)}  # (timed, warmup) per run
 
 
 def main(argv=None) -> int:
