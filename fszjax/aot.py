@@ -23,16 +23,21 @@ names the fixes with the figures that can be estimated without another compile.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
+import sys
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import xla_bridge
+from jax.experimental import mesh_utils, topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fszjax import config as config_lib
 from fszjax import flops, pretrain, sharding
 from fszjax.errors import UserError
 from fszjax.models.two_tower import TwoTower, build_model
@@ -160,8 +165,6 @@ def _prepare_host(topo: Topology) -> None:
   # Compile-only use needs no exclusive hold on a TPU: skip libtpu's /tmp/libtpu_lockfile
   # (another JAX process on this host may hold it).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
-
   if not xla_bridge.backends_are_initialized() and not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")
 
@@ -170,13 +173,12 @@ def topology_devices(topo: Topology) -> list:
   """Compile-only devices of `topo` (needs libtpu)."""
   _prepare_host(topo)
   try:
+    # Lazy: libtpu is an optional, large package (the `tpu` extra).
     import libtpu  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError:
     raise CompileError(
         "compiling for a TPU topology needs libtpu: pip install -e \".[tpu]\" (or pip install "
         f"\"jax[tpu]=={jax.__version__}\")") from None
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-
   try:
     desc = topologies.get_topology_desc(platform="tpu", **topo.libtpu_kwargs())
   except Exception as e:  # pylint: disable=broad-except
@@ -191,8 +193,6 @@ def mesh_for(config, devices: list, num_slices: int = 1) -> Mesh:
   With several slices, ``data`` spans the slices (only the gradient reduction of data
   parallelism crosses the data-centre network); each slice holds ``data / num_slices``.
   """
-  from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
-
   mc = config.mesh
   shape = sharding.resolve_mesh_shape(mc.data, mc.fsdp, mc.tensor, len(devices))
   if num_slices > 1:
@@ -375,10 +375,8 @@ def _compile(jitted, *args) -> tuple[Any, float, str | None]:
 
 def _eval_encoders(config, model: TwoTower, abstract_params, mesh: Mesh, hbm: int) -> dict:
   """Compiles image and text encoding at the evaluation batch, as the evaluator runs them."""
-  from fszjax.pretrain import input_shapes  # pylint: disable=import-outside-toplevel
-
   bs = int(config.get("eval", {}).get("batch_size", 256) or 256)
-  img_shape, tok_shape = input_shapes(config, bs)
+  img_shape, tok_shape = pretrain.input_shapes(config, bs)
   rep = NamedSharding(mesh, P())
   out = {"batch_size": bs}
   for name, method, arg in (
@@ -524,11 +522,6 @@ def format_table(r: dict) -> str:
 def main(args, overrides) -> int:
   """`fszjax compile`: prints the JSON report on stdout, the table on stderr. Exit 0 when
   the train step fits, 1 when it does not."""
-  import json  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-
-  from fszjax import config as config_lib  # pylint: disable=import-outside-toplevel
-
   topo = parse_topology(args.topology, args.num_slices)
   cfg = config_lib.load_config(args.config, overrides)
   report = compile_report(cfg, topo, with_eval=not args.no_eval,
