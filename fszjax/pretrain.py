@@ -29,7 +29,9 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fszjax import interrupt, losses, sharding
+from fszjax import checkpoint, interrupt, losses, sharding
+from fszjax import workdir as workdir_lib
+from fszjax.errors import UserError
 from fszjax.models.two_tower import TwoTower, build_model
 from fszjax.tree import flatten, path_str
 
@@ -329,11 +331,9 @@ def make_train_step(model: TwoTower, tx, schedule, config, mesh: Mesh | None, ru
 # ----------------------------------------------------------------------------- the loop
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError):
   """The loss spiked or became NaN/inf; checkpoints written after the last good loss are
   moved aside and the message names the step a rerun resumes from."""
-
-  user_error = True
 
   def __init__(self, message: str, loss: float = float("nan"), step: int = 0):
     super().__init__(message)
@@ -470,8 +470,6 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
   One run at a time writes a workdir: a second one refuses with one line
   (`fszjax.workdir.WorkdirLock`, taken by process 0, released by the OS if it dies).
   """
-  from fszjax import workdir as workdir_lib
-
   with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
     return _train(config, workdir, stop_at=stop_at)
 
@@ -479,8 +477,7 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
 def _check_inputs(config) -> None:
   """Fail fast: the ``init_from`` checkpoint and every dataset split the config names
   (training and evaluation) are checked before the model is built."""
-  from fszjax import checkpoint
-  from fszjax.data import pipeline
+  from fszjax.data import sources
 
   src = config.get("init_from", "")
   if src:
@@ -492,9 +489,9 @@ def _check_inputs(config) -> None:
   splits = list(ecfg.get("splits", ()) if ecfg is not None else ()) or list(
       config.data.get("eval_splits", ()) or ())
   if splits:  # the final evaluation always runs
-    comp = pipeline._single_component(config.data)  # pylint: disable=protected-access
+    comp = sources.single_component(config.data)
     for split in splits:
-      pipeline._open(comp, split)  # pylint: disable=protected-access
+      sources.open_split(comp, split)
 
 
 def _train(config, workdir: str, *, stop_at: int | None = None) -> dict:
@@ -506,8 +503,7 @@ def _train(config, workdir: str, *, stop_at: int | None = None) -> dict:
 
   from fszjax import checkpoint, evaluate, metrics as metrics_lib
   from fszjax import config as config_lib
-  from fszjax import workdir as workdir_lib
-  from fszjax.data import pipeline
+  from fszjax.data import pipeline, vocab
 
   log = logging.getLogger("fszjax")
   is_main = jax.process_index() == 0
@@ -521,18 +517,18 @@ def _train(config, workdir: str, *, stop_at: int | None = None) -> dict:
   _check_inputs(config)
   train_iter = pipeline.make_train_iterator(config.data, global_batch=config.batch_size,
                                             seed=config.seed)
-  tokenizer = pipeline.get_tokenizer(config.data)
+  tokenizer = vocab.get_tokenizer(config.data)
   if tokenizer.vocab_size > config.model.text.vocab_size:
     raise config_lib.ConfigError(
         f"the tokenizer has {tokenizer.vocab_size} ids but config.model.text.vocab_size="
         f"{config.model.text.vocab_size}; set it to {tokenizer.vocab_size}")
   if is_main:  # the tokenizer travels with the workdir: config.json points at its copy
-    from fszjax.data import tokenizer as tokenizer_lib
+    from fszjax import text as tokenizer_lib
 
     saved = config.copy_and_resolve_references()
     with saved.data.tokenizer.ignore_type():
       saved.data.tokenizer.path = tokenizer_lib.copy_to_workdir(
-          pipeline.get_tokenizer(config.data), workdir)
+          vocab.get_tokenizer(config.data), workdir)
     config_lib.save_config(saved, os.path.join(workdir, "config.json"))
 
   state, model, tx, schedule = create_train_state(config, mesh, rules)
