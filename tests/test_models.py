@@ -1,5 +1,7 @@
 """Model behaviour: causal mask, pooling modes, variants, logical axis names, options."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,3 +143,50 @@ def test_bf16_compute_keeps_fp32_params():
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(params))
   _, _, out = model.apply({"params": params}, x, tok)
   assert out["img"]["features"].dtype == jnp.bfloat16
+
+
+# ----------------------------------------------------------------------------- fast CPU blocks (issue 17)
+
+
+def test_gelu_erf_equals_jax_exact_gelu():
+  x = jnp.linspace(-8.0, 8.0, 4001)
+  ref = functools.partial(jax.nn.gelu, approximate=False)
+  np.testing.assert_allclose(common.gelu_erf(x), ref(x), atol=2e-6)
+  g = jax.vmap(jax.grad(common.gelu_erf))(x)
+  np.testing.assert_allclose(g, jax.vmap(jax.grad(ref))(x), atol=2e-6)
+
+
+def test_layer_norm_equals_flax_layer_norm_with_gradients():
+  x = 3.0 * jax.random.normal(jax.random.key(0), (4, 5, 16)) + 1.0
+  ours = common.LayerNorm(epsilon=1e-5)
+  theirs = nn.LayerNorm(epsilon=1e-5)
+  p = theirs.init(jax.random.key(1), x)
+  p = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape), p)
+  assert jax.tree.structure(nn.unbox(ours.init(jax.random.key(1), x))) == jax.tree.structure(p)
+  ct = jax.random.normal(jax.random.key(3), x.shape)
+  f = lambda m: lambda p, x: jnp.sum(m.apply(p, x) * ct)
+  np.testing.assert_allclose(ours.apply(p, x), theirs.apply(p, x), atol=2e-6)
+  for a, b in zip(jax.tree.leaves(jax.grad(f(ours), argnums=(0, 1))(p, x)),
+                  jax.tree.leaves(jax.grad(f(theirs), argnums=(0, 1))(p, x))):
+    np.testing.assert_allclose(a, b, atol=5e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_attention_equals_separate_projections(causal):
+  x = jax.random.normal(jax.random.key(0), (2, 7, 32))
+  attn = common.Attention(num_heads=4)
+  p = nn.unbox(attn.init(jax.random.key(1), x))
+  pa = p["params"]
+
+  def proj(n, x):
+    return jnp.einsum("btd,dhk->bthk", x, pa[n]["kernel"]) + pa[n]["bias"]
+
+  y = jax.nn.dot_product_attention(proj("query", x), proj("key", x), proj("value", x),
+                                   is_causal=causal)
+  ref = jnp.einsum("bthk,hkd->btd", y, pa["out"]["kernel"]) + pa["out"]["bias"]
+  np.testing.assert_allclose(attn.apply(p, x, causal=causal), ref, atol=2e-5)
+  # Cross-attention (the MAP head's path): query from one input, key/value from another.
+  probe = jax.random.normal(jax.random.key(2), (2, 1, 32))
+  y = jax.nn.dot_product_attention(proj("query", probe), proj("key", x), proj("value", x))
+  ref = jnp.einsum("bthk,hkd->btd", y, pa["out"]["kernel"]) + pa["out"]["bias"]
+  np.testing.assert_allclose(attn.apply(p, probe, x), ref, atol=2e-5)
