@@ -24,13 +24,13 @@ all-gather of the embeddings (open_clip's ``gather_with_grad`` holds ``B x E`` a
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from fszjax.config import LOSSES  # the loss names, defined in the base layer
 from fszjax.sharding import BATCH_AXES
 
 
@@ -226,9 +226,6 @@ def clip_loss_chunked(zimg, ztxt, log_scale, mesh: Mesh, axes: Sequence[str] = B
   spec = P(axes if axes else None)
   return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, P()), out_specs=P())(
       zimg, ztxt, jnp.asarray(log_scale, jnp.float32))
-
-
-LOSSES = ("clip", "siglip")
 
 
 def contrastive_loss(kind: str, zimg, ztxt, log_scale, bias=None, *, mesh: Mesh | None = None,
