@@ -50,6 +50,7 @@ import numpy as np
 import optax
 
 from fszjax import interrupt
+from fszjax import metrics as metrics_lib
 from fszjax.errors import UserError
 from fszjax.fewshot import inner as inner_lib
 from fszjax.fewshot import meta as meta_lib
@@ -275,9 +276,9 @@ def _image_feats(encoder, images) -> np.ndarray:
 
 def _split_data(encoder, data_cfg, split, templates, max_examples, keep_images=False) -> SplitData:
   from fszjax import evaluate
-  from fszjax.data import pipeline
+  from fszjax.data import arrays as arrays_lib
 
-  arrays = pipeline.load_split_arrays(data_cfg, split, max_examples)
+  arrays = arrays_lib.load_split_arrays(data_cfg, split, max_examples)
   arrays = evaluate._remap_to_present(arrays)  # pylint: disable=protected-access
   feats = _image_feats(encoder, arrays["image"])
   text = evaluate.zero_shot_classifier(encoder.texts, arrays["class_names"], templates)
@@ -309,8 +310,9 @@ def _few_shot_table(data: dict[str, SplitData], fcfg, scale, bias, seed, transfo
       if sampler is None:
         continue
       fn = make_episode_eval(n_way, scale, bias, fcfg)
-      accs = _episodes_on_features(sampler, int(fcfg.episodes), int(fcfg.episode_batch), fn,
-                                   feats, d.text, d.pix)
+      with metrics_lib.timed(f"few-shot {split} {setting}: {int(fcfg.episodes)} episodes", log):
+        accs = _episodes_on_features(sampler, int(fcfg.episodes), int(fcfg.episode_batch), fn,
+                                     feats, d.text, d.pix)
       for m, a in accs.items():
         if methods is not None and m not in methods:
           continue
@@ -388,6 +390,8 @@ def _dg(config, train: SplitData, evals: dict[str, SplitData], scale, bias, fcfg
       names = np.asarray(d.domain_names)
       result["per_font"].setdefault(sp, {})[name] = {
           str(f): float(hits[names == f].mean()) for f in sorted(set(d.domain_names))}
+      result.setdefault("per_font_count", {})[sp] = {  # images per font (for intervals)
+          str(f): int((names == f).sum()) for f in sorted(set(d.domain_names))}
     few = _few_shot_table(evals, _replace(fcfg, settings=list(dcfg.settings)), scale, bias,
                           config.seed + 1, transform=tf, methods=("protonet", "zs_head_adapt"),
                           samplers=samplers)
@@ -411,7 +415,7 @@ def _opt_step(loss_fn, opt, p, s, batch):
 
 def run_towers(config, workdir) -> dict:
   from fszjax import evaluate
-  from fszjax.data import pipeline
+  from fszjax.data import errors as data_errors, sources
   from fszjax.models.two_tower import TwoTower
 
   from fszjax import inference
@@ -427,14 +431,14 @@ def run_towers(config, workdir) -> dict:
   t, b = model.apply({"params": params}, method=TwoTower.scale_and_bias)
   scale = float(jnp.exp(t))
   bias = float(b) if b is not None else 0.0
-  templates = list(pipeline.prompt_templates(data_cfg))
+  templates = list(sources.prompt_templates(data_cfg))
   meta_on = bool(fcfg.get("meta", {}) and fcfg.meta.get("enabled", False))
   data = {}
   for split in splits:
     try:
       data[split] = _split_data(encoder, data_cfg, split, templates,
                                 fcfg.get("max_examples", 0) or None, keep_images=meta_on)
-    except pipeline.DataError as e:
+    except data_errors.DataError as e:
       raise AdaptError(f"{e} (evaluation data of `fszjax adapt`: choose it with "
                        "--config.data.name=..., --config.data.data_dir=... and "
                        "--config.fewshot.splits=[...])") from None
@@ -458,13 +462,16 @@ def run_towers(config, workdir) -> dict:
     results["methods"].update(tr.pop("methods"))
     results.update(tr)
   if meta_on:
-    meta = _meta_towers(config, workdir, pre.model, model, params, encoder, train, data, scale,
-                        bias, samplers)
+    with metrics_lib.timed(f"meta-training ({fcfg.meta.algorithm}) of the image tower and its "
+                           "evaluation", log):
+      meta = _meta_towers(config, workdir, pre.model, model, params, encoder, train, data,
+                          scale, bias, samplers)
     results["methods"].update(meta.pop("methods"))
     results.update(meta)
   if dg_on:
     evals = {sp: data[sp] for sp in fcfg.dg.splits if sp in data}
-    results["dg"] = _dg(config, train, evals, scale, bias, fcfg)
+    with metrics_lib.timed(f"domain generalisation (ERM, MLDG, WiSE-FT) on {list(evals)}", log):
+      results["dg"] = _dg(config, train, evals, scale, bias, fcfg)
   return results
 
 
@@ -685,6 +692,10 @@ def meta_train(config, ckpt_dir: str, features_fn, mcfg: meta_lib.MetaConfig, me
   total = int(m.steps)
   t0 = time.perf_counter()
   log_every = int(config.log_every)
+  # Meta-training curves: WORKDIR/metrics.jsonl and WORKDIR/tensorboard (process 0).
+  writer = metrics_lib.MetricWriter(os.path.dirname(os.path.abspath(ckpt_dir)),
+                                    enabled=jax.process_index() == 0)
+  writer.truncate_after(start)
   with interrupt.StopRequest("meta-training") as stop:
     for step in range(start + 1, total + 1):
       meta_params, opt_state, metrics = step_fn(meta_params, opt_state, sample(step))
@@ -693,21 +704,26 @@ def meta_train(config, ckpt_dir: str, features_fn, mcfg: meta_lib.MetaConfig, me
         if not math.isfinite(host["loss"]):
           raise AdaptError(f"meta-training loss is {host['loss']} at step {step}; lower "
                            "config.fewshot.meta.outer_lr (the last good checkpoint is kept)")
-        rate = (step - start) * int(m.meta_batch) / (time.perf_counter() - t0)
-        log.info("meta step %d/%d loss %.4f query acc %.3f %.1f tasks/s", step, total,
-                 host["loss"], host["acc"], rate)
+        elapsed = time.perf_counter() - t0
+        rate = (step - start) * int(m.meta_batch) / elapsed
+        log.info("meta step %d/%d loss %.4f query acc %.3f %.1f tasks/s, ETA %s", step, total,
+                 host["loss"], host["acc"], rate,
+                 metrics_lib.eta(step - start, total - start, elapsed))
+        writer.write(step, {**host, "tasks_per_sec": rate})
       preempted, interrupted = ckpt.reached_preemption(step), stop.requested
       if ckpt.should_save(step) or step == total or preempted or interrupted:
         ckpt.save(step, {"step": jnp.asarray(step, jnp.int32), "params": meta_params,
                          "opt_state": opt_state}, force=True)
       if preempted or interrupted:
         ckpt.close()
+        writer.close()
         log.warning("stopped at meta step %d (%s); rerun the same command to resume", step,
                     "preemption" if preempted else "Ctrl-C")
         if interrupted:
           raise KeyboardInterrupt
         raise SystemExit(0)
   ckpt.close()
+  writer.close()
   return meta_params
 
 
@@ -770,13 +786,13 @@ def _chunked(fn: Callable, chunk: int, devices: int = 1) -> Callable:
 
 
 def run_conv4(config, workdir) -> dict:
-  from fszjax.data import pipeline
+  from fszjax.data import arrays as arrays_lib
   from fszjax.data.episodes import EpisodeSampler
   from fszjax.fewshot import conv4
 
   fcfg, m = config.fewshot, config.fewshot.meta
   size = int(fcfg.image_size)
-  train = pipeline.load_split_arrays(config.data, config.data.train_split,
+  train = arrays_lib.load_split_arrays(config.data, config.data.train_split,
                                      fcfg.get("max_train_examples", 0) or None)
   train_x, train_y = rotation_classes(_resize(train["image"], size), train["label"],
                                       list(m.get("rotations", [0])))
@@ -808,7 +824,7 @@ def run_conv4(config, workdir) -> dict:
 
   methods: dict = {}
   for split in fcfg.splits:
-    arrays = pipeline.load_split_arrays(config.data, split, fcfg.get("max_examples", 0) or None)
+    arrays = arrays_lib.load_split_arrays(config.data, split, fcfg.get("max_examples", 0) or None)
     x = _resize(arrays["image"], size)
     pix = x.reshape(len(x), -1)
     pix = pix / np.maximum(np.linalg.norm(pix, axis=1, keepdims=True), 1e-6)

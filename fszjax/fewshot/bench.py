@@ -29,6 +29,12 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
+from fszjax import sharding as shd
+from fszjax.config import split_overrides
+from fszjax.errors import UserError
+from fszjax.fewshot import conv4
+from fszjax.fewshot import meta as meta_lib
+
 DEFAULTS: dict[str, Any] = {
     "algorithm": "maml",
     "n_way": 5,
@@ -71,10 +77,8 @@ def learn2learn_differences(s: Mapping[str, Any]) -> dict[str, Any]:
   return {k: (s.get(k), v) for k, v in LEARN2LEARN_SETTING.items() if s.get(k) != v}
 
 
-class BenchError(ValueError):
+class BenchError(UserError):
   """A bad bench setting; the CLI shows it as one line (no traceback)."""
-
-  user_error = True
 
 
 # Config sections read, lowest priority first; `fewshot.meta` is the meta-training config of
@@ -172,9 +176,6 @@ def bench_adapt(config: Any = None, **kwargs) -> dict:
   import jax
   import optax
 
-  from fszjax.fewshot import conv4
-  from fszjax.fewshot import meta as meta_lib
-
   backbone = _section(_as_dict(config), "fewshot").get("backbone", "conv4")
   if backbone != "conv4":
     raise BenchError(f"bench adapt times Conv-4 meta-training; this config's backbone is "
@@ -217,8 +218,6 @@ def bench_adapt(config: Any = None, **kwargs) -> dict:
   if s["strategy"] == "meta_batch":
     mesh = None
     if ndev > 1:
-      from fszjax import sharding as shd
-
       mesh = shd.make_mesh(ndev, 1, 1, devices=jax.devices()[:ndev])
       tasks = jax.device_put(tasks, meta_lib.task_shardings(mesh, tasks))
       state = jax.device_put(state, shd.replicated(mesh))
@@ -318,8 +317,6 @@ def main(argv: Any = None, overrides: Sequence[tuple[str, str]] | None = None) -
   kwargs: dict[str, Any] = {}
   if argv is None or isinstance(argv, (list, tuple)):
     import argparse  # noqa: PLC0415
-
-    from fszjax.cli import split_overrides  # noqa: PLC0415  (argparse only: stays light)
 
     ovr, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(prog="fszjax bench adapt")
