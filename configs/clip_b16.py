@@ -10,20 +10,11 @@ v5e:16x16`` (BUILD_NOTES.md "Ahead-of-time compilation").
     fszjax pretrain --config configs/clip_b16.py --workdir gs://bucket/clip_b16
 """
 
-import importlib.util
-import os
-
-
-def _siglip():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "siglip_b16.py")
-  spec = importlib.util.spec_from_file_location("fszjax_config_siglip_b16", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+import siglip_b16  # configs/siglip_b16.py (the config loader puts configs/ on the path)
 
 
 def get_config(arg=None):
-  c = _siglip().get_config(arg)
+  c = siglip_b16.get_config(arg)
   c.name = "clip_b16"
   c.loss = "clip"
   c.model.embed_dim = 512

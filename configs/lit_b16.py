@@ -9,16 +9,11 @@ still computed (the logged grad_norm includes them) and zeroed by the optimizer,
 memory and FLOPs per step are those of `siglip_b16.py`.
 """
 
-import importlib.util
-import os
+import siglip_b16  # configs/siglip_b16.py (the config loader puts configs/ on the path)
 
 
 def get_config(arg=None):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "siglip_b16.py")
-  spec = importlib.util.spec_from_file_location("fszjax_config_siglip_b16", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config(arg)
+  c = siglip_b16.get_config(arg)
   c.name = "lit_b16"
   c.init_from = ""  # required: a workdir/checkpoint holding an image tower of this shape
   c.init_keys = "^img/"

@@ -14,6 +14,7 @@ import difflib
 import importlib.util
 import json
 import os
+import sys
 from typing import Iterable, Sequence
 
 import ml_collections
@@ -63,14 +64,32 @@ def _flat_keys(cfg, prefix=""):
   return out
 
 
+@contextlib.contextmanager
+def _siblings_importable(config_dir: str):
+  """Lets a config file import the configs next to it as Python (``import siglip_b16``):
+  `config_dir` is on `sys.path` while it runs, and the sibling modules it imported are
+  forgotten afterwards (another directory may hold a config of the same name)."""
+  before = set(sys.modules)
+  sys.path.insert(0, config_dir)
+  try:
+    yield
+  finally:
+    sys.path.remove(config_dir)
+    for name in set(sys.modules) - before:
+      file = getattr(sys.modules[name], "__file__", None)
+      if file and os.path.dirname(os.path.abspath(file)) == config_dir:
+        del sys.modules[name]
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise ConfigError(f"config file {path!r} not found; pass e.g. --config configs/glyphs.py")
-  mod_spec = importlib.util.spec_from_file_location(
-      "fszjax_config_" + os.path.basename(path).removesuffix(".py"), path)
-  module = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+  with _siblings_importable(os.path.dirname(os.path.abspath(path))):
+    mod_spec = importlib.util.spec_from_file_location(
+        "fszjax_config_" + os.path.basename(path).removesuffix(".py"), path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} has no get_config() function")
   cfg = module.get_config(arg) if arg else module.get_config()

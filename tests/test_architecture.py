@@ -22,7 +22,8 @@ PKG = os.path.join(ROOT, "fszjax")
 # Layer of each module, lowest first; the first matching pattern wins. A module may import
 # from its own layer and the layers below. `fszjax` is the package's own __init__.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("base", ("fszjax.errors", "fszjax.tree", "fszjax.config", "fszjax.interrupt")),
+    ("base", ("fszjax.errors", "fszjax.tree", "fszjax.config", "fszjax.config_defaults",
+             "fszjax.interrupt")),
     ("core", ("fszjax.models", "fszjax.models.*", "fszjax.losses", "fszjax.sharding",
               "fszjax.checkpoint", "fszjax.workdir", "fszjax.flops", "fszjax.multihost",
               "fszjax.metrics")),

@@ -55,3 +55,49 @@ def test_cli_splits_overrides_anywhere():
       ["bench", "pretrain", "--config.loss", "clip", "--config", "c.py", "--config.mesh.data=2"])
   assert overrides == [("loss", "clip"), ("mesh.data", "2")]
   assert rest == ["bench", "pretrain", "--config", "c.py"]
+
+
+SHIPPED = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_validates(name):
+  cfg = config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+  assert cfg.name == name
+
+
+def test_sharding_rules_defined_once():
+  """The rules table lives in fszjax/config_defaults.py only; every pretraining config holds
+  exactly that table."""
+  from fszjax import config_defaults
+
+  holders = []
+  for d in ("configs", "fszjax"):
+    for dirpath, _, files in os.walk(os.path.join(ROOT, d)):
+      for f in files:
+        if f.endswith(".py") and '["act_kv", None]' in open(os.path.join(dirpath, f)).read():
+          holders.append(f)
+  assert holders == [], holders  # the table is written as tuples in config_defaults
+  src = open(os.path.join(ROOT, "fszjax", "config_defaults.py")).read()
+  assert src.count('("act_kv", None)') == 1
+  for name in SHIPPED:
+    cfg = config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+    if "model" in cfg:
+      assert cfg.sharding_rules == config_defaults.sharding_rules()
+  assert ["batch", ["data", "fsdp"]] in config_defaults.sharding_rules()
+
+
+def test_configs_import_siblings_as_python(tmp_path):
+  """A config imports the config next to it (`import siglip_b16`); a sibling of the same
+  name in another directory is not mixed up with it."""
+  (tmp_path / "parent.py").write_text(
+      "import ml_collections\n\ndef get_config(arg=None):\n"
+      "  return ml_collections.ConfigDict(dict(name='p', seed=7))\n")
+  (tmp_path / "child.py").write_text(
+      "import parent\n\ndef get_config(arg=None):\n"
+      "  c = parent.get_config()\n  c.name = 'child'\n  return c\n")
+  cfg = config_lib.load_config(str(tmp_path / "child.py"))
+  assert cfg.name == "child" and cfg.seed == 7
+  assert "parent" not in __import__("sys").modules
+  clip = config_lib.load_config(os.path.join(ROOT, "configs", "clip_b16.py"))
+  assert clip.loss == "clip" and clip.batch_size == 32_768 and clip.model.image.pool == "tok"

@@ -24,6 +24,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from fszjax import config_defaults
+from fszjax.data.defaults import glyphs_data_config
 from fszjax.errors import UserError
 
 
@@ -306,36 +308,7 @@ def fit_to_model(flat: Flat, config, source: str) -> Flat:
 def base_config():
   """The full default fszjax config (every key `fszjax pretrain/eval` read), to receive a
   converted model and data section."""
-  import ml_collections  # noqa: PLC0415
-
-  from fszjax import config as config_lib  # noqa: PLC0415
-
-  repo_cfg = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                          "configs", "glyphs.py")
-  if os.path.isfile(repo_cfg):
-    cfg = config_lib.load_config_file(repo_cfg)
-  else:  # installed without the repository's configs/: the same keys, spelled out
-    cfg = ml_collections.ConfigDict()
-    cfg.name, cfg.seed = "converted", 0
-    cfg.model = ml_collections.ConfigDict(dict(
-        dtype="float32", param_dtype="float32", attn_impl="", scan_layers=False, remat="none"))
-    cfg.loss, cfg.loss_chunked = "clip", True
-    cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    cfg.sharding_rules = [
-        ["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["mlp", "tensor"], ["heads", "tensor"],
-        ["kv", None], ["vocab", None], ["layers", None], ["norm", None], ["seq", None],
-        ["patch", None], ["proj", None], ["act_seq", None], ["act_embed", None],
-        ["act_mlp", "tensor"], ["act_heads", "tensor"], ["act_kv", None]]
-    cfg.batch_size, cfg.grad_accum, cfg.total_steps = 256, 1, 1000
-    cfg.optim = ml_collections.ConfigDict(dict(
-        lr=1e-5, wd=1e-4, b1=0.9, b2=0.98, eps=1e-6, warmup_steps=100, schedule="cosine",
-        min_lr_ratio=0.0, clip_norm=1.0, freeze=[]))
-    cfg.log_every, cfg.eval_every = 20, 250
-    cfg.eval = ml_collections.ConfigDict(dict(splits=(), max_examples=2000, batch_size=256))
-    cfg.checkpoint = ml_collections.ConfigDict(dict(
-        save_every=250, keep=2, best_metric="", best_mode="max", async_save=True,
-        on_save_error="stop", spike_factor=10.0))
-    cfg.progress, cfg.init_from, cfg.init_keys = True, "", ""
+  cfg = config_defaults.pretrain_config(glyphs_data_config())
   # Fine-tuning defaults for a pretrained model (the glyphs values suit training from scratch).
   cfg.optim.lr, cfg.optim.b2, cfg.optim.eps = 1e-5, 0.98, 1e-6
   cfg.checkpoint.best_metric = ""
