@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 
 import ml_collections
 
+from fszjax import config_defaults
 from fszjax.errors import UserError
 
 # The command-line prefix of a config override: ``--config.optim.lr=1e-3``.
@@ -167,6 +168,7 @@ def load_config(spec: str, overrides: Iterable[str | tuple[str, str]] = ()) -> m
     resolve_paths(cfg, os.path.dirname(os.path.abspath(spec)))
   else:
     cfg = load_config_file(spec)
+    check_keys(cfg, spec.partition(":")[0])
   pairs = []
   for o in overrides:
     if isinstance(o, str):
@@ -178,6 +180,27 @@ def load_config(spec: str, overrides: Iterable[str | tuple[str, str]] = ()) -> m
     apply_override(cfg, k, v)
   validate(cfg)
   return cfg
+
+
+# Sections of a pretraining config whose keys the base does not fix: the data section
+# (every key in fszjax/data/defaults.py, checked by the data pipeline).
+FREE_FORM = ("data",)
+
+
+def check_keys(cfg, path: str) -> None:
+  """A pretraining config file (one with a `model` section) may only hold the keys of
+  `fszjax.config_defaults.pretrain_config` (the `FREE_FORM` sections aside); an unknown key
+  is a one-line error naming the closest valid key."""
+  if "model" not in cfg:
+    return
+  known = _flat_keys(config_defaults.pretrain_config(ml_collections.ConfigDict()))
+  for key in _flat_keys(cfg):
+    if key in known or key.split(".")[0] in FREE_FORM:
+      continue
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    hint = f"; did you mean config.{close[0]}?" if close else ""
+    raise ConfigError(f"{path}: unknown config key config.{key}{hint} "
+                      "(every key is in fszjax/config_defaults.py)")
 
 
 def validate(cfg) -> None:

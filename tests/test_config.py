@@ -101,3 +101,18 @@ def test_configs_import_siblings_as_python(tmp_path):
   assert "parent" not in __import__("sys").modules
   clip = config_lib.load_config(os.path.join(ROOT, "configs", "clip_b16.py"))
   assert clip.loss == "clip" and clip.batch_size == 32_768 and clip.model.image.pool == "tok"
+
+
+def test_config_file_with_unknown_key_names_the_closest(tmp_path):
+  bad = tmp_path / "typo.py"
+  bad.write_text(
+      f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'configs')!r})\nimport glyphs\n\n"
+      "def get_config(arg=None):\n  c = glyphs.get_config()\n"
+      "  c.optim.warmup_step = 10\n  c.data.anything = 1\n  return c\n")
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.load_config(str(bad))
+  msg = str(e.value)
+  assert "unknown config key config.optim.warmup_step" in msg and "\n" not in msg
+  assert "did you mean config.optim.warmup_steps?" in msg
+  bad.write_text(bad.read_text().replace("  c.optim.warmup_step = 10\n", ""))
+  assert config_lib.load_config(str(bad)).data.anything == 1  # data: a free-form section
