@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Commands are on top even inside data/ and fewshot/.
     ("top", ("fszjax", "fszjax.cli", "fszjax.*.cli", "fszjax.train_cli", "fszjax.report",
              "fszjax.convert", "fszjax.convert.*", "fszjax.bench", "fszjax.fewshot.bench",
-             "fszjax.aot")),
+             "fszjax.aot", "fszjax.aot_report")),
     ("data_text", ("fszjax.text", "fszjax.text.*", "fszjax.data", "fszjax.data.*")),
     ("train_eval", ("fszjax.pretrain", "fszjax.train", "fszjax.train.*", "fszjax.evaluate",
                     "fszjax.fewshot", "fszjax.fewshot.*", "fszjax.inference")),
