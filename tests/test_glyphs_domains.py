@@ -11,6 +11,7 @@ import pytest
 
 import data_testlib
 from fszjax.data import glyphs
+from fszjax.data.glyphs import agreement as glyph_agreement, plan as glyph_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX = data_testlib.GLYPH_MAX_CHARS
@@ -77,9 +78,9 @@ def test_new_character_split_depends_on_the_character_only():
   opts = glyphs.GlyphsOptions()
   words = {"latin", "small", "letter", "capital", "a", "b", "with", "acute"}
   scripts = {"latin"}
-  assert glyphs._new_char_role(0x0531, opts, words, scripts) == "test_scripts"  # armenian
-  roles = [glyphs._new_char_role(cp, opts, words, scripts) for cp in (0xE1, 0xC1)]
-  assert roles == [glyphs._new_char_role(cp, opts, words, scripts) for cp in (0xE1, 0xC1)]
+  assert glyph_plan.new_char_role(0x0531, opts, words, scripts) == "test_scripts"  # armenian
+  roles = [glyph_plan.new_char_role(cp, opts, words, scripts) for cp in (0xE1, 0xC1)]
+  assert roles == [glyph_plan.new_char_role(cp, opts, words, scripts) for cp in (0xE1, 0xC1)]
   h = [glyphs.split_hash(cp, 0) for cp in range(0x4E00, 0x4E00 + 2000)]
   assert 0.07 < np.mean(np.asarray(h) < 0.1) < 0.13 and h == [glyphs.split_hash(cp, 0)
                                                             for cp in range(0x4E00, 0x4E00 + 2000)]
@@ -121,7 +122,7 @@ def test_small_caps_renderings_agree_with_the_other_case():
   for cp in letters:
     images[cp, "SmallCaps"] = images[ord(chr(cp).upper()), "DejaVuSerif"]
     images[cp, "Wrong"] = images[letters[(letters.index(cp) + 7) % len(letters)], "DejaVuSerif"]
-  out = glyphs._disagreeing_fonts(letters, fonts + ["SmallCaps", "Wrong"], images, cmaps,
+  out = glyph_agreement.disagreeing_fonts(letters, fonts + ["SmallCaps", "Wrong"], images, cmaps,
                                   judge=["SmallCaps", "Wrong"])
   assert "SmallCaps" not in out and "Wrong" in out
 

@@ -33,6 +33,8 @@ import os
 import re
 from typing import Any
 
+from etils import epath
+
 from fszjax.data.glyphs import default_data_dir
 from fszjax.errors import UserError
 
@@ -193,24 +195,10 @@ def read_manifest(path: str) -> dict[str, list[tuple[str, list[str]]]]:
   return {s: sorted(d.items()) for s, d in sorted(grouped.items())}
 
 
-def _code_path():
-  from etils import epath  # noqa: PLC0415
+def _user_builder_base(tfds):
+  """The abstract base of both builders: version, release notes, code path (not registered)."""
 
-  return epath.Path(os.path.abspath(__file__))
-
-
-def _make_builders():
-  import numpy as np  # noqa: PLC0415
-  import tensorflow_datasets as tfds  # noqa: PLC0415
-
-  @dataclasses.dataclass(eq=False)
-  class UserImageFolderConfig(tfds.core.BuilderConfig):
-    root: str = ""
-    layout: str = "auto"
-
-  class UserImageFolder(tfds.core.GeneratorBasedBuilder):
-    """Image folder root/<class>/* or root/<domain>/<class>/* (see module docstring)."""
-
+  class UserBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version(_VERSION)
     RELEASE_NOTES = {_VERSION: "First release."}
     BUILDER_CONFIGS = []
@@ -218,7 +206,21 @@ def _make_builders():
     @tfds.core.utils.classproperty
     @classmethod
     def code_path(cls):  # noqa: N805
-      return _code_path()
+      return epath.Path(os.path.abspath(__file__))
+
+  return UserBuilder
+
+
+def _make_folder_builder(tfds, base):
+  """The `user_image_folder` builder and its config class."""
+
+  @dataclasses.dataclass(eq=False)
+  class UserImageFolderConfig(tfds.core.BuilderConfig):
+    root: str = ""
+    layout: str = "auto"
+
+  class UserImageFolder(base):
+    """Image folder root/<class>/* or root/<domain>/<class>/* (see module docstring)."""
 
     def _scan(self):
       if not hasattr(self, "_rows"):
@@ -252,21 +254,18 @@ def _make_builders():
         rel = os.path.relpath(path, root)
         yield rel, {"image": path, "label": cls, "text": class_text(cls), "domain": dom, "file_name": rel}
 
+  return UserImageFolder, UserImageFolderConfig
+
+
+def _make_captions_builder(tfds, base):
+  """The `user_image_captions` builder and its config class."""
+
   @dataclasses.dataclass(eq=False)
   class UserImageCaptionsConfig(tfds.core.BuilderConfig):
     manifest: str = ""
 
-  class UserImageCaptions(tfds.core.GeneratorBasedBuilder):
+  class UserImageCaptions(base):
     """Image-caption pairs from a TSV/CSV manifest (see module docstring)."""
-
-    VERSION = tfds.core.Version(_VERSION)
-    RELEASE_NOTES = {_VERSION: "First release."}
-    BUILDER_CONFIGS = []
-
-    @tfds.core.utils.classproperty
-    @classmethod
-    def code_path(cls):  # noqa: N805
-      return _code_path()
 
     def _info(self):
       return tfds.core.DatasetInfo(
@@ -296,10 +295,18 @@ def _make_builders():
       if missing:
         log.warning("%d manifest image(s) not found and skipped", missing)
 
-  del np
+  return UserImageCaptions, UserImageCaptionsConfig
+
+
+def _make_builders():
+  # tensorflow_datasets: heavy to import (seconds) and importing it registers builders;
+  # loaded only when a user dataset is prepared.
+  import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy; only when preparing)
+
+  base = _user_builder_base(tfds)
   return {
-      FOLDER_BUILDER: (UserImageFolder, UserImageFolderConfig),
-      CAPTIONS_BUILDER: (UserImageCaptions, UserImageCaptionsConfig),
+      FOLDER_BUILDER: _make_folder_builder(tfds, base),
+      CAPTIONS_BUILDER: _make_captions_builder(tfds, base),
   }
 
 
