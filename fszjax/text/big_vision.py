@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import sentencepiece as spm
 
-from fszjax.text.base import TokenizerError, as_texts
+from fszjax.text.base import TokenizerError, as_texts, read_model
 
 CLEAN = ("none", "lower", "canonicalize")
 
@@ -53,16 +53,11 @@ class BigVisionTokenizer:
 
   @classmethod
   def from_file(cls, path: str, **kw) -> "BigVisionTokenizer":
-    if not os.path.isfile(path):
-      raise TokenizerKindError(f"SentencePiece model {path!r} not found; pass --tokenizer with "
-                               "the .model file of the checkpoint (e.g. SigLIP's c4_en)")
-    with open(path, "rb") as f:
-      proto = f.read()
-    try:
-      return cls(proto, path=path, **kw)
-    except RuntimeError as e:
-      raise TokenizerKindError(f"{path!r} is not a SentencePiece model ({e}); pass the .model "
-                               "file") from None
+    return read_model(
+        path, lambda proto: cls(proto, path=path, **kw), TokenizerKindError,
+        missing=(f"SentencePiece model {path!r} not found; pass --tokenizer with the .model "
+                 "file of the checkpoint (e.g. SigLIP's c4_en)"),
+        not_a_model="pass the .model file", catch=RuntimeError)
 
   def __getstate__(self):
     return dict(proto=self._proto, path=self.path, eos=self.eos, pad_value=self.pad_id,

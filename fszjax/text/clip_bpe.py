@@ -26,11 +26,23 @@ import gzip
 import html
 import importlib.util
 import os
+import re
 from typing import Sequence
 
 import numpy as np
 
-from fszjax.text.base import TokenizerError, as_texts
+from fszjax.text.base import TokenizerError, as_texts, decode_batch, ids_until
+
+# Optional, as in open_clip: `regex` (Unicode classes; `re` approximates them) and `ftfy`
+# (mojibake fixes) are used when installed.
+try:
+  import regex
+except ImportError:
+  regex = None
+try:
+  import ftfy
+except ImportError:
+  ftfy = None
 
 BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2
@@ -82,26 +94,17 @@ def find_bpe_file(path: str | None = None) -> str:
 
 def _split_pattern():
   specials = f"{SOT}|{EOT}|"
-  try:
-    import regex  # noqa: PLC0415
-
+  if regex is not None:
     return regex.compile(specials + r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
                          regex.IGNORECASE)
-  except ImportError:
-    import re  # noqa: PLC0415
-
-    return re.compile(specials + r"""'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+""",
-                      re.IGNORECASE)
+  return re.compile(specials + r"""'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+""",
+                    re.IGNORECASE)
 
 
 def clean_text(text: str) -> str:
   """open_clip's default "lower" cleaning: ftfy fix, HTML unescape x2, whitespace, lower."""
-  try:
-    import ftfy  # noqa: PLC0415
-
+  if ftfy is not None:
     text = ftfy.fix_text(text)
-  except ImportError:
-    pass
   text = html.unescape(html.unescape(text)).strip()
   return " ".join(text.split()).strip().lower()
 
@@ -210,19 +213,13 @@ class ClipBpeTokenizer:
 
   def decode(self, tokens) -> list[str]:
     """int ``(B, L)`` or ``(L,)`` -> B strings (SOT, EOT and what follows EOT dropped)."""
-    arr = np.atleast_2d(np.asarray(tokens))
-    out = []
-    for row in arr:
-      chars = []
-      for t in row.tolist():
-        if t == self.eot_id:
-          break
-        if t == self.sot_id:
-          continue
-        chars.append(self.decoder[int(t)])
-      text = bytearray(self._byte_dec[c] for c in "".join(chars)).decode("utf-8", errors="replace")
-      out.append(text.replace("</w>", " ").strip())
-    return out[:1] if np.asarray(tokens).ndim == 1 else out
+
+    def decode_row(row: list[int]) -> str:
+      chars = "".join(self.decoder[t] for t in ids_until(row, self.eot_id, self.sot_id))
+      text = bytearray(self._byte_dec[c] for c in chars).decode("utf-8", errors="replace")
+      return text.replace("</w>", " ").strip()
+
+    return decode_batch(tokens, decode_row)
 
   def save(self, path: str) -> str:
     """Writes the merges (gzipped) to `path`, e.g. next to a converted checkpoint."""

@@ -12,14 +12,14 @@ that id 0 is always padding) and then EOT = vocab_size - 1.
 from __future__ import annotations
 
 import io
-import os
 import re
 from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
-from fszjax.text.base import TokenizerError, as_texts, atomic_write
+from fszjax.text.base import (TokenizerError, as_texts, atomic_write, decode_batch, ids_until,
+                              read_model)
 
 MODEL_TYPES = ("unigram", "bpe", "word", "char")
 
@@ -78,19 +78,8 @@ class Tokenizer:
 
   def decode(self, tokens) -> list[str]:
     """int (B, L) or (L,) tokens -> B strings (everything from EOT on is dropped)."""
-    arr = np.asarray(tokens)
-    single = arr.ndim == 1
-    arr = np.atleast_2d(arr)
-    texts = []
-    for row in arr:
-      ids = []
-      for t in row.tolist():
-        if t == self.eot_id:
-          break
-        if t != self.pad_id:
-          ids.append(int(t) - self._offset)
-      texts.append(self._sp.decode(ids))
-    return texts[:1] if single else texts
+    return decode_batch(tokens, lambda row: self._sp.decode(
+        [t - self._offset for t in ids_until(row, self.eot_id, self.pad_id)]))
 
   def save(self, path: str) -> str:
     """Writes the SentencePiece model to `path` (atomically)."""
@@ -143,13 +132,8 @@ def train_sentencepiece(texts: Iterable[str], out_prefix: str | None, vocab_size
 
 def load_tokenizer(path: str) -> Tokenizer:
   """Loads a SentencePiece `.model` file."""
-  if not os.path.exists(path):
-    raise TokenizerError(f"tokenizer model {path!r} not found; set data.tokenizer.path to an existing .model "
-                         "or leave it empty to train one")
-  with open(path, "rb") as f:
-    proto = f.read()
-  try:
-    return Tokenizer(proto, path=path)
-  except Exception as e:  # noqa: BLE001
-    raise TokenizerError(f"{path!r} is not a SentencePiece model ({e}); point data.tokenizer.path "
-                         "at a .model file") from None
+  return read_model(
+      path, lambda proto: Tokenizer(proto, path=path), TokenizerError,
+      missing=(f"tokenizer model {path!r} not found; set data.tokenizer.path to an existing "
+               ".model or leave it empty to train one"),
+      not_a_model="point data.tokenizer.path at a .model file")
