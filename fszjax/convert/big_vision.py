@@ -16,7 +16,6 @@ tell is an option: text pooling (SigLIP: "last"), activation (big_vision's ``nn.
 the tanh approximation), LayerNorm eps (flax's 1e-6).
 
 Mapping (per tower T in img/txt; ``Transformer`` is ``Encoder_0`` in the text tower):
-
   T/Transformer/encoderblock_{i}/LayerNorm_0, LayerNorm_1    -> T/encoder/block_i/ln_1, ln_2
   .../MultiHeadDotProductAttention_0/{query,key,value,out}  -> .../attn/{...} (same shapes)
   .../MlpBlock_0/Dense_0, Dense_1                           -> .../mlp/fc1, fc2
@@ -35,9 +34,12 @@ from __future__ import annotations
 import math
 import os
 import re
+
+import ml_collections
 import numpy as np
 
-from fszjax.convert import common
+from fszjax import text
+from fszjax.convert import common, open_clip as oc
 from fszjax.convert.common import ConvertError, Flat
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -91,7 +93,6 @@ def infer_model_config(flat: Flat, *, image_size: int | None = None, text_pool: 
                        act: str = "gelu_tanh", ln_eps: float = 1e-6, image_pool: str | None = None):
   """``config.model`` for the params in ``flat`` (see the module docstring for what is
   read from which shape)."""
-  import ml_collections  # noqa: PLC0415
 
   k = flat["img/embedding/kernel"]
   if k.ndim != 4 or k.shape[0] != k.shape[1]:
@@ -227,7 +228,6 @@ def import_params(flat: Flat, model_cfg) -> Flat:
 def fszjax_config(model_cfg, tokenizer_path: str, *, eos: str = "sticky", pad_value: int = 1,
                   clean: str = "canonicalize"):
   """The full fszjax config of an imported big_vision model."""
-  from fszjax.convert import open_clip as oc  # noqa: PLC0415  (prompt templates)
 
   cfg = common.base_config()
   cfg.name = "big_vision"
@@ -251,7 +251,6 @@ def convert(weights: str, out_dir: str, *, tokenizer: str | None = None, image_s
             overwrite: bool = False) -> str:
   """Converts a big_vision two-tower .npz (+ its SentencePiece .model) to a fszjax
   directory. Returns the output directory."""
-  from fszjax import text  # noqa: PLC0415
 
   tok = None
   if tokenizer:

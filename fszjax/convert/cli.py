@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+
+from fszjax.convert import big_vision, open_clip
+from fszjax.convert.common import ConvertError
 
 
 def _cmd_open_clip(args, overrides) -> int:
   del overrides
-  from fszjax.convert import open_clip
 
   if not args.model and not args.model_config:
-    from fszjax.convert.common import ConvertError
-
     raise ConvertError("pass --model NAME (e.g. ViT-B-32, ViT-L-14-quickgelu) or --model_config "
                        "FILE.json")
   out = open_clip.convert(args.model_config or args.model, args.weights, args.out,
@@ -24,7 +25,6 @@ def _cmd_open_clip(args, overrides) -> int:
 
 def _cmd_big_vision(args, overrides) -> int:
   del overrides
-  from fszjax.convert import big_vision
 
   out = big_vision.convert(args.weights, args.out, tokenizer=args.tokenizer,
                            image_size=args.image_size, text_pool=args.text_pool, act=args.act,
@@ -39,11 +39,9 @@ def _cmd_big_vision(args, overrides) -> int:
 
 def _cmd_to_open_clip(args, overrides) -> int:
   del overrides
-  from fszjax.convert import open_clip
 
   res = open_clip.export_workdir(args.workdir, args.out, overwrite=args.overwrite)
   print(f"wrote {res['weights']} and {res['config']}")
-  import os
 
   d = os.path.dirname(res["weights"])
   print(f"load it: open_clip.create_model('local-dir:{d}')")

@@ -3,7 +3,6 @@ scanned/unscanned block layouts, and writing a converted model as a fszjax workd
 
 A converted directory has the layout of a pretraining workdir, so `fszjax eval`,
 ``config.init_from`` and `fszjax.load` accept it:
-
   OUT/config.json                 the full fszjax config (model + data sections)
   OUT/checkpoints/0/              Orbax checkpoint: TrainState (converted params, fresh
                                   optimizer state for ``config.optim``, step 0) + config
@@ -22,11 +21,18 @@ import zipfile
 import zlib
 from typing import Any, Callable, Mapping
 
+import jax
+import jax.numpy as jnp
+import ml_collections
+import ml_dtypes
 import numpy as np
+from flax import linen as nn
 
-from fszjax import config_defaults
+from fszjax import checkpoint as ckpt_lib, config as config_lib, config_defaults, pretrain, sharding
+from fszjax.data import defaults
 from fszjax.data.defaults import glyphs_data_config
 from fszjax.errors import UserError
+from fszjax.models.two_tower import build_model
 
 
 class ConvertError(UserError):
@@ -79,8 +85,6 @@ def read_safetensors(path: str) -> Flat:
       raise ConvertError(f"{path}: tensor {name} has a malformed header entry ({info!r:.80}); "
                          "the file is damaged - download or export it again") from None
     if dtype == "BF16":
-      import ml_dtypes  # noqa: PLC0415  (a JAX dependency)
-
       np_dtype = np.dtype(ml_dtypes.bfloat16)
     elif dtype in _SAFETENSORS_DTYPES:
       np_dtype = np.dtype(_SAFETENSORS_DTYPES[dtype])
@@ -101,12 +105,10 @@ def read_safetensors(path: str) -> Flat:
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-  import torch  # noqa: PLC0415
+  import torch  # torch: optional, only to read .pt/.bin checkpoints
 
   t = t.detach().cpu()
   if t.dtype == torch.bfloat16:
-    import ml_dtypes  # noqa: PLC0415
-
     return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return t.numpy()
 
@@ -118,7 +120,7 @@ def read_torch(path: str) -> Flat:
   unwrapped. Pickles that need arbitrary code (custom classes, TorchScript) are refused.
   """
   try:
-    import torch  # noqa: PLC0415
+    import torch  # torch: optional, only to read .pt/.bin checkpoints
   except ImportError:
     raise ConvertError(f"reading {path} needs PyTorch: `pip install fszjax[interop]`, or convert "
                        "the weights to .safetensors") from None
@@ -268,12 +270,7 @@ def unstack_blocks(flat: Flat) -> Flat:
 
 def expected_param_shapes(config) -> dict[str, tuple[tuple[int, ...], Any]]:
   """``{path: (shape, dtype)}`` of the params `build_model(config.model)` creates."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  from flax import linen as nn  # noqa: PLC0415
 
-  from fszjax import pretrain  # noqa: PLC0415
-  from fszjax.models.two_tower import build_model  # noqa: PLC0415
 
   model = build_model(config.model)
   img_shape, tok_shape = pretrain.input_shapes(config)
@@ -320,7 +317,6 @@ def converted_data_config(image_size: int, mean, std, max_len: int, tokenizer: d
   """A data section for an imported model: RGB at the model's resolution and normalisation,
   its text length and tokenizer. The dataset defaults to imagenet2012; pick another with
   ``--config.data.name=...`` when evaluating."""
-  from fszjax.data import defaults  # noqa: PLC0415
 
   d = defaults.tfds_data_config("imagenet2012", image_size=int(image_size))
   d.mean, d.std = tuple(float(x) for x in mean), tuple(float(x) for x in std)
@@ -335,7 +331,6 @@ def converted_data_config(image_size: int, mean, std, max_len: int, tokenizer: d
 
 def inference_section(resize_mode: str, interpolation: str, source: str, **extra):
   """How `fszjax.load(...).preprocess` prepares raw images (not read by training/eval)."""
-  import ml_collections  # noqa: PLC0415
 
   return ml_collections.ConfigDict(dict(resize_mode=resize_mode, interpolation=interpolation,
                                         source=source, **extra))
@@ -347,7 +342,6 @@ def inference_section(resize_mode: str, interpolation: str, source: str, **extra
 def _host_device():
   """The device a conversion runs on: the host CPU when JAX has one (host memory is the
   largest and a checkpoint written from one device restores onto any mesh)."""
-  import jax  # noqa: PLC0415
 
   try:
     return jax.devices("cpu")[0]
@@ -364,11 +358,7 @@ def save_converted(out_dir: str, config, flat_params: Flat,
   end, so a failure leaves no half-written output. ``extra_files`` maps a relative path
   to a writer ``fn(abs_path)`` (e.g. the tokenizer). Returns the absolute output path.
   """
-  import jax  # noqa: PLC0415
 
-  from fszjax import checkpoint as ckpt_lib  # noqa: PLC0415
-  from fszjax import config as config_lib  # noqa: PLC0415
-  from fszjax import pretrain, sharding  # noqa: PLC0415
 
   out_dir = os.path.abspath(os.path.expanduser(out_dir))
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):

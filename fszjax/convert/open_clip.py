@@ -14,7 +14,6 @@ plain-ViT config can be passed as a dict or JSON file.
 
 Weight layout (open_clip ``CLIP.state_dict()``; custom-text models prefix the text keys with
 ``text.``), with D the width, H the heads, M the MLP width, E the embedding size:
-
   visual.conv1.weight (D, 3, p, p)        -> img/embedding/kernel (p, p, 3, D)
   visual.class_embedding (D,)             -> img/cls (1, 1, D)
   visual.positional_embedding (T, D)      -> img/pos_embedding (1, T, D)
@@ -47,11 +46,16 @@ import math
 import os
 from typing import Any, Mapping
 
+import ml_collections
+
+from fszjax import checkpoint as ckpt_lib, inference
 from fszjax.convert import common
 from fszjax.convert.common import ConvertError
 from fszjax.convert.open_clip_layout import (check_state_dict, export_state_dict,
-                                            import_state_dict, normalize_state_dict,
-                                            state_dict_shapes, supported_towers)
+                                             import_state_dict, normalize_state_dict,
+                                             state_dict_shapes, supported_towers)
+from fszjax.models.two_tower import build_image_tower, build_text_tower
+from fszjax.text import clip_bpe
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -158,7 +162,6 @@ def _eps(tower: Mapping) -> float:
 
 def fszjax_model_config(oc_cfg: Mapping, name: str = "custom"):
   """The ``config.model`` section equivalent to an open_clip model config."""
-  import ml_collections  # noqa: PLC0415
 
   v, t = supported_towers(name, oc_cfg)
   width, heads = int(v["width"]), int(v["width"]) // int(v["head_width"])
@@ -190,7 +193,6 @@ def fszjax_model_config(oc_cfg: Mapping, name: str = "custom"):
 def open_clip_model_config(model_cfg) -> dict:
   """The open_clip model config dict equivalent to a fszjax ``config.model`` (CLIP-style
   configs only; the error names the first option open_clip's ViT cannot express)."""
-  from fszjax.models.two_tower import build_image_tower, build_text_tower  # noqa: PLC0415
 
   img, txt = build_image_tower(model_cfg), build_text_tower(model_cfg)
   channels = model_cfg.image.get("channels", 3)
@@ -288,7 +290,6 @@ def convert(model: str | Mapping, weights: str, out_dir: str, *, quick_gelu: boo
   vocabulary). ``model``: a name from `MODEL_CONFIGS` (``-quickgelu`` allowed), a JSON path
   or an open_clip model config dict. ``scan_layers`` writes the scanned block layout (for
   configs with ``model.scan_layers=True``). Returns the output directory."""
-  from fszjax.text import clip_bpe  # noqa: PLC0415
 
   name, oc_cfg = model_config(model, quick_gelu)
   fszjax_model_config(oc_cfg, name)  # unsupported options fail before reading weights
@@ -313,10 +314,8 @@ def export_workdir(workdir: str, out: str, *, overwrite: bool = False) -> dict[s
   ``{"weights", "config", "model_cfg", "builtin"}`` (``builtin``: the open_clip model name
   with the same architecture, or None).
   """
-  from safetensors.numpy import save_file  # noqa: PLC0415
+  from safetensors.numpy import save_file  # safetensors: optional, only to write open_clip exports
 
-  from fszjax import checkpoint as ckpt_lib  # noqa: PLC0415
-  from fszjax import inference  # noqa: PLC0415
 
   cfg, _ = inference.load_config(workdir)
   oc_cfg = open_clip_model_config(cfg.model)

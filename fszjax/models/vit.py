@@ -24,6 +24,7 @@ import numpy as np
 from flax import linen as nn
 
 from fszjax.models import common
+from fszjax.models.stem import ConvStem
 
 # name: (width, depth, mlp_dim, heads)
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -91,8 +92,6 @@ class ViT(nn.Module):
     if images.ndim != 4:
       raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
     if self.stem:
-      from fszjax.models.stem import ConvStem  # noqa: PLC0415
-
       x = ConvStem(tuple(self.stem), self.patch_size, self.width, ln_eps=self.ln_eps,
                    dtype=self.dtype, param_dtype=self.param_dtype, name="stem")(images)
     else:
