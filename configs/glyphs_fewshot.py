@@ -13,7 +13,7 @@ dataset's test splits (``--config.fewshot.splits=[...]`` to choose).
 
 import ml_collections
 
-from fszjax.fewshot.adapt import data_overrides
+from fszjax.fewshot.eval_data import data_overrides
 
 
 def get_config(arg=None):

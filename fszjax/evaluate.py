@@ -33,7 +33,7 @@ class EvalDataError(UserError):
   """An evaluation split that cannot be evaluated; the message names the fix."""
 
 
-def _normalize(x, axis=-1):
+def l2_normalize(x, axis=-1):
   x = np.asarray(x, np.float32)
   return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
@@ -62,11 +62,11 @@ def zero_shot_classifier(encode_texts: Callable[[list[str]], np.ndarray],
   ``encode_texts(list_of_str) -> (n, E)`` embeds texts (normalised or not).
   """
   texts, owner = build_class_texts(class_names, templates)
-  z = _normalize(encode_texts(texts))
+  z = l2_normalize(encode_texts(texts))
   num = len(class_names)
   sums = np.zeros((num, z.shape[1]), np.float32)
   np.add.at(sums, owner, z)
-  return _normalize(sums / np.bincount(owner, minlength=num)[:, None])
+  return l2_normalize(sums / np.bincount(owner, minlength=num)[:, None])
 
 
 def ci95(p: float, n: int) -> float:
@@ -77,7 +77,7 @@ def ci95(p: float, n: int) -> float:
 def topk_accuracy(zimg: np.ndarray, classifier: np.ndarray, labels: np.ndarray,
                   ks=(1, 5)) -> dict[str, float]:
   """Zero-shot accuracies: ``zimg (N, E)``, ``classifier (C, E)``, ``labels (N,)``."""
-  sims = _normalize(zimg) @ classifier.T
+  sims = l2_normalize(zimg) @ classifier.T
   num_classes = classifier.shape[0]
   order = np.argsort(-sims, axis=1, kind="stable")
   labels = np.asarray(labels)
@@ -124,7 +124,7 @@ def retrieval_metrics(zimg: np.ndarray, ztxt: np.ndarray, img_group: np.ndarray,
   count as misses (see `_first_hit_ranks`). Similarities are computed in chunks of at most
   ``chunk_elements`` entries. Every image and text needs at least one right counterpart.
   """
-  zimg, ztxt = _normalize(zimg), _normalize(ztxt)
+  zimg, ztxt = l2_normalize(zimg), l2_normalize(ztxt)
   img_group, txt_group = np.asarray(img_group), np.asarray(txt_group)
   if len(img_group) != len(zimg) or len(txt_group) != len(ztxt):
     raise ValueError(f"retrieval_metrics: {len(zimg)} images / {len(img_group)} image groups, "
@@ -236,7 +236,7 @@ def evaluate_captions(encoder: Encoder, arrays: dict, ks=(1, 5, 10)) -> dict:
   return out
 
 
-def _remap_to_present(arrays: dict) -> dict:
+def remap_to_present(arrays: dict) -> dict:
   """Restricts the class list to the classes present in the split (labels renumbered).
   Arrays without class names (caption data) are returned as they are."""
   labels = np.asarray(arrays["label"])
@@ -274,7 +274,7 @@ def run_evaluators(config, model, params, tokenizer=None, splits=None, arrays_ca
   cache = arrays_cache if arrays_cache is not None else {}
   for split in splits:
     if split not in cache:
-      cache[split] = _remap_to_present(arrays_lib.load_split_arrays(dcfg, split, max_examples))
+      cache[split] = remap_to_present(arrays_lib.load_split_arrays(dcfg, split, max_examples))
     arrays = cache[split]
     if len(arrays["image"]) == 0:
       raise EvalDataError(f"eval split {split!r} has no decodable image; choose another "

@@ -19,7 +19,7 @@ import os
 import platform
 import time
 
-from fszjax.fewshot.adapt import results_markdown
+from fszjax.fewshot.results import results_markdown
 from fszjax.metrics import plot_report, read_jsonl
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import data_testlib
 from fszjax import config as config_lib, pretrain
-from fszjax.fewshot import adapt
+from fszjax.fewshot import adapt, episodes, meta_loop, scratch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,10 +71,10 @@ def test_towers_results_and_zero_step_adaptation_equals_zeroshot(gdir, pretraine
 
 def test_missing_init_from_is_one_line_error(gdir, tmp_path):
   cfg = _towers_cfg(gdir, "/no/such/run")
-  with pytest.raises(adapt.AdaptError, match="does not exist"):
+  with pytest.raises(episodes.AdaptError, match="does not exist"):
     adapt.run(cfg, str(tmp_path / "b"))
-  with pytest.raises(adapt.AdaptError, match="like '5way1shot'"):
-    adapt.parse_setting("5-way")
+  with pytest.raises(episodes.AdaptError, match="like '5way1shot'"):
+    episodes.parse_setting("5-way")
 
 
 def test_conv4_meta_training_resumes(gdir, tmp_path):
@@ -131,7 +131,7 @@ def test_rotation_classes(rotations):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(6, 5, 5, 1)).astype(np.float32)
   y = np.array([0, 0, 1, 1, 2, 2])
-  xs, ys = adapt.rotation_classes(x, y, rotations)
+  xs, ys = scratch.rotation_classes(x, y, rotations)
   assert len(xs) == len(ys) == 6 * len(rotations)
   for i, r in enumerate(rotations):
     np.testing.assert_array_equal(xs[6 * i:6 * (i + 1)], np.rot90(x, r // 90, axes=(1, 2)))
@@ -141,8 +141,8 @@ def test_rotation_classes(rotations):
 def test_rotation_classes_rejects_bad_angles():
   x, y = np.zeros((2, 4, 4, 1)), np.array([0, 1])
   for bad in ([45], [0, 360], []):
-    with pytest.raises(adapt.AdaptError, match="multiples of 90"):
-      adapt.rotation_classes(x, y, bad)
+    with pytest.raises(episodes.AdaptError, match="multiples of 90"):
+      scratch.rotation_classes(x, y, bad)
 
 
 def _replace_meta(cfg, **kw):
@@ -177,17 +177,17 @@ def test_meta_train_ctrl_c_saves_the_step_and_resumes_exactly(tmp_path):
             "query_x": r.normal(size=(2, 4, 28, 28, 1)).astype(np.float32),
             "query_y": np.tile(np.arange(2), (2, 2))}
 
-  straight = adapt.meta_train(cfg, str(tmp_path / "a"), features_fn, mcfg, params, sample)
+  straight = meta_loop.meta_train(cfg, str(tmp_path / "a"), features_fn, mcfg, params, sample)
   # The meta-batch sharded over 2 devices gives the 1-device meta-parameters.
-  sharded = adapt.meta_train(_replace_meta(cfg, devices=2), str(tmp_path / "s"), features_fn,
+  sharded = meta_loop.meta_train(_replace_meta(cfg, devices=2), str(tmp_path / "s"), features_fn,
                              mcfg, params, sample)
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(sharded)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
   ck_dir = str(tmp_path / "b")
   with pytest.raises(KeyboardInterrupt):
-    adapt.meta_train(cfg, ck_dir, features_fn, mcfg, params, lambda s: sample(s, interrupt_at=3))
+    meta_loop.meta_train(cfg, ck_dir, features_fn, mcfg, params, lambda s: sample(s, interrupt_at=3))
   assert max(checkpoint.Checkpointer(ck_dir, read_only=True).all_steps()) == 3
-  resumed = adapt.meta_train(cfg, ck_dir, features_fn, mcfg, params, sample)
+  resumed = meta_loop.meta_train(cfg, ck_dir, features_fn, mcfg, params, sample)
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -201,7 +201,7 @@ def test_chunked_evaluation_equals_one_vmap(chunk, devices):
   tasks = {"a": rng.normal(size=(10, 3)).astype(np.float32),
            "b": rng.normal(size=(10, 3, 2)).astype(np.float32)}
   fn = lambda t: {"s": jnp.sum(t["a"]) * jnp.sum(t["b"]), "v": t["b"].sum(0)}
-  out = adapt._chunked(fn, chunk, devices)(tasks)  # pylint: disable=protected-access
+  out = scratch.chunked(fn, chunk, devices)(tasks)
   for i in range(10):
     ref = fn({k: v[i] for k, v in tasks.items()})
     np.testing.assert_allclose(out["s"][i], ref["s"], rtol=1e-6)
@@ -215,7 +215,7 @@ def test_outer_optimizer_schedules():
 
   def lr_trace(**kw):
     m = ml_collections.ConfigDict(dict(algorithm="maml", outer_lr=0.1, steps=10, **kw))
-    opt = adapt.outer_optimizer(m)
+    opt = meta_loop.outer_optimizer(m)
     p = {"w": jnp.zeros(())}
     s = opt.init(p)
     out = []
@@ -228,8 +228,8 @@ def test_outer_optimizer_schedules():
   np.testing.assert_allclose(const, 0.1, rtol=1e-4)
   cos = lr_trace(outer_schedule="cosine", warmup_steps=2)
   assert cos[0] == 0.0 and abs(cos[2] - 0.1) < 1e-4 and np.all(np.diff(cos[2:]) < 0) and cos[-1] < 0.01
-  with pytest.raises(adapt.AdaptError, match="'constant' or 'cosine'"):
-    adapt.outer_optimizer(ml_collections.ConfigDict(dict(algorithm="maml", outer_lr=0.1, steps=10,
+  with pytest.raises(episodes.AdaptError, match="'constant' or 'cosine'"):
+    meta_loop.outer_optimizer(ml_collections.ConfigDict(dict(algorithm="maml", outer_lr=0.1, steps=10,
                                                          outer_schedule="linear")))
 
 

@@ -83,7 +83,7 @@ def test_retrieval_metrics_needs_a_right_item():
 def _brute_recall(zimg, ztxt, img_group, txt_group, ks):
   """Sort every query's candidates by (score desc, wrong before right on ties) and find the
   position of the first right one."""
-  sims = evaluate._normalize(zimg) @ evaluate._normalize(ztxt).T
+  sims = evaluate.l2_normalize(zimg) @ evaluate.l2_normalize(ztxt).T
   out = {}
   for name, s, qg, cg in (("i2t", sims, img_group, txt_group), ("t2i", sims.T, txt_group, img_group)):
     first = []
@@ -173,7 +173,7 @@ def test_evaluate_captions_without_any_caption_is_a_user_error():
 def test_remap_keeps_caption_arrays():
   a = {"image": np.zeros((3, 2)), "label": np.full((3,), -1, np.int32), "class_names": None,
        "captions": [["a"], ["b"], ["c"]]}
-  assert evaluate._remap_to_present(a) is a  # the former IndexError on unlabelled data
+  assert evaluate.remap_to_present(a) is a  # the former IndexError on unlabelled data
 
 
 # ----------------------------------------------------------------------------- mocked coco_captions
@@ -271,9 +271,9 @@ def test_b16_structure_on_mock_coco_captions_evaluates(config_file, tmp_path):
 
 def test_remap_edge_cases():
   empty = {"image": np.zeros((0, 2)), "label": np.zeros((0,), np.int32), "class_names": ["a"]}
-  assert evaluate._remap_to_present(empty) is empty  # run_evaluators names the empty split
+  assert evaluate.remap_to_present(empty) is empty  # run_evaluators names the empty split
   unlabelled = {"label": np.asarray([0, -1]), "class_names": ["a", "b"]}
   with pytest.raises(evaluate.EvalDataError, match="data.label_key"):
-    evaluate._remap_to_present(unlabelled)
-  m = evaluate._remap_to_present({"label": np.asarray([3, 1, 3]), "class_names": list("abcd")})
+    evaluate.remap_to_present(unlabelled)
+  m = evaluate.remap_to_present({"label": np.asarray([3, 1, 3]), "class_names": list("abcd")})
   assert m["label"].tolist() == [1, 0, 1] and m["class_names"] == ["b", "d"]

@@ -120,19 +120,19 @@ def test_missing_tokenizer_file_names_the_fix(moved, tmp_path):
 
 def test_eval_data_config_keeps_the_model_side():
   from fszjax.data import defaults
-  from fszjax.fewshot import adapt
+  from fszjax.fewshot import eval_data
 
   model = defaults.tfds_data_config("imagenet2012", image_size=64)
   model.tokenizer.path = "/m/tokenizer/bpe.txt.gz"
-  over = adapt.data_overrides()
-  assert adapt.eval_data_config(model, over).name == "imagenet2012"
+  over = eval_data.data_overrides()
+  assert eval_data.eval_data_config(model, over).name == "imagenet2012"
   over.name, over.label_key = "glyphs", "label"
-  d = adapt.eval_data_config(model, over)
+  d = eval_data.eval_data_config(model, over)
   assert d.name == "glyphs" and d.text_key == "text" and d.domain_key == "font"
   assert d.glyphs.image_size == 32 and d.image_size == 64 and d.channels == 3
   assert d.tokenizer.path == "/m/tokenizer/bpe.txt.gz"
   over.name = "cifar10"
-  d = adapt.eval_data_config(model, over)
+  d = eval_data.eval_data_config(model, over)
   assert d.text_key is None and d.label_key == "label" and d.data_dir is None
 
 

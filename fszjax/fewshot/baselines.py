@@ -81,8 +81,7 @@ def nearest_prototype(features_fn: FeaturesFn, backbone: Params, task: dict, *, 
     c = inner_lib.l2_normalize(inner_lib.prototypes(fs, task["support_y"], n_way))
     logits = fq @ c.T
   elif metric == "euclidean":
-    c = inner_lib.prototypes(fs, task["support_y"], n_way)
-    logits = -(jnp.sum(fq * fq, -1, keepdims=True) - 2.0 * fq @ c.T + jnp.sum(c * c, -1))
+    logits = meta_lib.proto_logits(features_fn, backbone, task, n_way)
   else:
     raise ValueError(f"nearest_prototype metric={metric!r}: use 'euclidean' or 'cosine'")
   return _metrics(logits, task["query_y"])

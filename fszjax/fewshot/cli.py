@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
+from fszjax import config as config_lib
+from fszjax.fewshot import adapt
+from fszjax.fewshot.results import results_markdown
+from fszjax.train_cli import _logging
+
 
 def _cmd_adapt(args, overrides) -> int:
-  from fszjax import config as config_lib
-  from fszjax.fewshot import adapt
-  from fszjax.train_cli import _logging
-
   _logging()
   cfg = config_lib.load_config(args.config, overrides)
-  if args.fresh:
-    import os
-    import shutil
-
-    if os.path.isdir(args.workdir):
-      shutil.rmtree(args.workdir)
+  if args.fresh and os.path.isdir(args.workdir):
+    shutil.rmtree(args.workdir)
   results = adapt.run(cfg, args.workdir)
-  print(adapt.results_markdown(results))
+  print(results_markdown(results))
   print(f"results: {args.workdir}/results.json")
   return 0
 

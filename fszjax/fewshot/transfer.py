@@ -108,7 +108,7 @@ FEATURE_METHODS = ("proto_zs_adapt", "tip_adapter")
 def make_feature_eval(n_way: int, scale: float, bias: float, proto_weight: float, steps: int,
                       lr: float, alpha: float, beta: float, gate: bool = True) -> Callable:
   """jitted ``f(fs, ys, fq, yq, text, ps, pq) -> {method: acc (T,)}`` over T tasks (the
-  signature of `fszjax.fewshot.adapt.make_episode_eval`) for `FEATURE_METHODS`. Only
+  signature of `fszjax.fewshot.episodes.make_episode_eval`) for `FEATURE_METHODS`. Only
   n_way, steps and gate are compiled in: a grid over the other values reuses one program."""
   fn = _feature_eval(int(n_way), int(steps), bool(gate))
   hp = {k: np.float32(v) for k, v in dict(scale=scale, bias=bias, proto_weight=proto_weight,

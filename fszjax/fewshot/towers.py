@@ -1,0 +1,206 @@
+"""`fszjax adapt` with the pretrained towers (``fewshot.backbone='towers'``): the few-shot
+tables on frozen features, the two-tower transfer methods (`fszjax.fewshot.transfer`),
+meta-training of the image tower (ANIL from the zero-shot head) and domain generalisation
+(`fszjax.fewshot.dg_adaptor`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from fszjax import evaluate, inference
+from fszjax import metrics as metrics_lib
+from fszjax.data import errors as data_errors, sources
+from fszjax.data.episodes import EpisodeSampler
+from fszjax.fewshot import inner as inner_lib
+from fszjax.fewshot import meta as meta_lib
+from fszjax.fewshot import transfer
+from fszjax.fewshot.dg_adaptor import run_dg
+from fszjax.fewshot.episodes import (AdaptError, SplitData, episodes_on_features,
+                                     few_shot_table, parse_setting, summarize, zeroshot_top1)
+from fszjax.fewshot.eval_data import (eval_data_config, eval_splits, image_feats, load_towers,
+                                      split_data)
+from fszjax.fewshot.meta_loop import meta_train, tasks_of
+from fszjax.models.two_tower import TwoTower, build_image_tower
+
+log = logging.getLogger("fszjax")
+
+
+def run_towers(config, workdir) -> dict:
+  fcfg = config.fewshot
+  pre, base_dir, model, params = load_towers(config)
+  data_cfg = eval_data_config(pre.data, config.get("data", None) or {})
+  tokenizer = inference.model_tokenizer(pre, base_dir)  # the model's own, never the data's
+  encoder = evaluate.Encoder(model, params, tokenizer, max_len=pre.model.text.max_len)
+  splits = eval_splits(fcfg, data_cfg)
+  log.info("evaluating %s (%s) on %s splits %s", base_dir, type(tokenizer).__name__,
+           data_cfg.name, ", ".join(splits))
+  t, b = model.apply({"params": params}, method=TwoTower.scale_and_bias)
+  scale = float(jnp.exp(t))
+  bias = float(b) if b is not None else 0.0
+  templates = list(sources.prompt_templates(data_cfg))
+  meta_on = bool(fcfg.get("meta", {}) and fcfg.meta.get("enabled", False))
+  data = {}
+  for split in splits:
+    try:
+      data[split] = split_data(encoder, data_cfg, split, templates,
+                                fcfg.get("max_examples", 0) or None, keep_images=meta_on)
+    except data_errors.DataError as e:
+      raise AdaptError(f"{e} (evaluation data of `fszjax adapt`: choose it with "
+                       "--config.data.name=..., --config.data.data_dir=... and "
+                       "--config.fewshot.splits=[...])") from None
+    log.info("features of %s: %d images, %d classes", split, len(data[split].labels),
+             len(data[split].class_names))
+  samplers: dict = {}
+  results = {"methods": few_shot_table(data, fcfg, scale, bias, config.seed, samplers=samplers),
+             "zeroshot_top1": {sp: zeroshot_top1(d.feats, d) for sp, d in data.items()}}
+  train = None
+  dg_on = bool(fcfg.dg.enabled) and any(sp in data for sp in fcfg.dg.splits)
+  if fcfg.dg.enabled and not dg_on:
+    log.info("domain generalisation skipped: none of config.fewshot.dg.splits=%s is evaluated",
+             list(fcfg.dg.splits))
+  transfer_on = bool(fcfg.get("transfer", {}) and fcfg.transfer.get("enabled", False))
+  if dg_on or meta_on or transfer_on:  # loaded once for all
+    train = split_data(encoder, data_cfg, data_cfg.train_split, templates,
+                        fcfg.get("max_train_examples", 0) or None, keep_images=meta_on)
+  if transfer_on:
+    tr = transfer_towers(config, encoder, data_cfg, templates, train, data, scale, bias,
+                          samplers)
+    results["methods"].update(tr.pop("methods"))
+    results.update(tr)
+  if meta_on:
+    with metrics_lib.timed(f"meta-training ({fcfg.meta.algorithm}) of the image tower and its "
+                           "evaluation", log):
+      meta = meta_towers(config, workdir, pre.model, model, params, encoder, train, data,
+                          scale, bias, samplers)
+    results["methods"].update(meta.pop("methods"))
+    results.update(meta)
+  if dg_on:
+    evals = {sp: data[sp] for sp in fcfg.dg.splits if sp in data}
+    with metrics_lib.timed(f"domain generalisation (ERM, MLDG, WiSE-FT) on {list(evals)}", log):
+      results["dg"] = run_dg(config, train, evals, scale, bias, fcfg)
+  return results
+
+
+def _domain_keys(d: SplitData) -> np.ndarray:
+  return np.asarray(d.domain_names) if d.domain_names is not None else np.asarray(d.domains)
+
+
+def transfer_towers(config, encoder, data_cfg, templates, train: SplitData,
+                     data: dict[str, SplitData], scale: float, bias: float,
+                     samplers: dict) -> dict:
+  """`fszjax.fewshot.transfer`'s methods on the frozen features: hyper-parameters chosen per
+  setting on ``val`` (queries: val's held-out examples; supports: train examples of the
+  same characters in other fonts), then evaluated on the same episodes as the other
+  methods. Returns ``{"methods": ..., "transfer_selection": {setting: chosen}}``."""
+  fcfg, tcfg = config.fewshot, config.fewshot.transfer
+  val = split_data(encoder, data_cfg, tcfg.val_split, templates, None)
+  name_to_train = {n: i for i, n in enumerate(train.class_names)}
+  vy = np.asarray([name_to_train.get(val.class_names[int(l)], -1) for l in val.labels])
+  keep = np.nonzero(vy >= 0)[0]
+  tdom, vdom = _domain_keys(train), _domain_keys(val)[keep]
+  vfeats, tfeats, ttext = val.feats[keep], train.feats, train.text
+  proto_grid = transfer.grid({"proto_weight": list(tcfg.proto_weights), "steps": list(tcfg.steps),
+                              "lr": list(tcfg.lrs)})
+  proto_grid = [c for c in proto_grid if c["steps"] > 0 or c["lr"] == tcfg.lrs[0]]
+  tip_grid = transfer.grid({"alpha": list(tcfg.alphas), "beta": list(tcfg.betas)})
+  chosen, methods = {}, {}
+  gate = bool(tcfg.get("gate", True))
+  for setting in fcfg.settings:
+    n_way, k_shot = parse_setting(setting)
+    eps = transfer.cross_font_episodes(train.labels, tdom, vy[keep], vdom, n_way=n_way,
+                                       k_shot=k_shot, episodes=int(tcfg.val_episodes),
+                                       seed=config.seed + 101)
+    if eps is None:
+      log.warning("transfer: val has too few classes for %s; skipped", setting)
+      continue
+    args = (tfeats[eps["support"]], eps["support_y"], vfeats[eps["query"]], eps["query_y"],
+            ttext[eps["classes"]], np.zeros((1,)), np.zeros((1,)))
+    args = args[:5] + (np.zeros((len(eps["query"]), 1, 1), np.float32),) * 2
+
+    def score(c, m, base):
+      fn = transfer.make_feature_eval(n_way, scale, bias, **{**base, **c}, gate=gate)
+      return float(np.mean(np.asarray(fn(*args)[m])))
+
+    tip0 = {"alpha": float(tcfg.alphas[0]), "beta": float(tcfg.betas[0])}
+    pz = transfer.select_on_val(lambda c: score(c, "proto_zs_adapt", tip0), proto_grid,
+                                f"proto_zs_adapt {setting}")
+    tip = transfer.select_on_val(
+        lambda c: score(c, "tip_adapter", {"proto_weight": 1.0, "steps": 0, "lr": 0.0}),
+        tip_grid, f"tip_adapter {setting}")
+    chosen[setting] = {"proto_zs_adapt": pz, "tip_adapter": tip}
+    fn = transfer.make_feature_eval(
+        n_way, scale, bias, float(pz["proto_weight"]), int(pz["steps"]), float(pz["lr"]),
+        float(tip["alpha"]), float(tip["beta"]), gate)
+    for split, d in data.items():
+      sampler = samplers.get((split, setting, config.seed))
+      if sampler is None:
+        continue
+      accs = episodes_on_features(sampler, int(fcfg.episodes), int(fcfg.episode_batch), fn,
+                                   d.feats, d.text, d.pix)
+      for m, a in accs.items():
+        methods.setdefault(m, {}).setdefault(split, {})[setting] = summarize(a)
+  return {"methods": methods, "transfer_selection": chosen}
+
+
+def towers_meta_cfg(fcfg, scale: float, bias: float) -> meta_lib.MetaConfig:
+  """Meta-learning of the image tower from the zero-shot head: the inner loop is the one
+  `zs_head_adapt` evaluates (``head_steps`` SGD steps of ``head_lr`` from the text
+  tower's classifier), so at evaluation the meta-trained tower runs that same method."""
+  m = fcfg.meta
+  if m.algorithm not in ("anil", "fomaml", "maml"):
+    raise AdaptError(f"config.fewshot.meta.algorithm={m.algorithm!r} for the towers: use "
+                     "'anil' (head adapts) or 'maml' / 'fomaml' with adapt='head'")
+  adapt = m.get("adapt", "head")
+  if adapt != "head":
+    raise AdaptError(f"config.fewshot.meta.adapt={adapt!r}: for the towers the inner loop adapts "
+                     "the zero-shot head ('head'); evaluation re-encodes each split once with "
+                     "the meta-trained tower")
+  n_way, _ = parse_setting(m.train_setting)
+  return meta_lib.MetaConfig(
+      algorithm=m.algorithm, n_way=n_way, inner_steps=int(fcfg.head_steps),
+      inner_lr=float(fcfg.head_lr), adapt="head", first_order=bool(m.first_order),
+      remat=bool(m.get("remat", False)), head_init="zeroshot", logit_scale=scale,
+      logit_bias=bias, task_chunk=int(m.get("task_chunk", 0)))
+
+
+def meta_towers(config, workdir, model_cfg, model, params, encoder, train: SplitData,
+                 data: dict[str, SplitData], scale: float, bias: float, samplers: dict) -> dict:
+  """Meta-trains the image tower (ANIL: the zero-shot head adapts in the inner loop, the
+  tower learns in the outer loop) on train-split tasks, then re-encodes every evaluation
+  split and reports ``{alg}`` (zero-shot head adapted on the meta-trained tower) and
+  ``{alg}_zeroshot``."""
+  fcfg, m = config.fewshot, config.fewshot.meta
+  mcfg = towers_meta_cfg(fcfg, scale, bias)
+  tower = build_image_tower(model_cfg)
+
+  def features_fn(backbone, x):
+    z, _ = tower.apply({"params": backbone}, x)
+    return inner_lib.l2_normalize(z)
+
+  n_way, k_shot = parse_setting(m.train_setting)
+  sampler = EpisodeSampler(train.images, train.labels, n_way=n_way, k_shot=k_shot,
+                           q_query=int(m.q_query), seed=config.seed)
+  t0 = time.perf_counter()
+  meta_params = meta_train(config, os.path.join(workdir, "meta_checkpoints"), features_fn, mcfg,
+                           {"backbone": params["img"]},
+                           lambda step: tasks_of(sampler.sample(step, int(m.meta_batch)), train.text))
+  train_s = time.perf_counter() - t0
+  enc = evaluate.Encoder(model, {**params, "img": meta_params["backbone"]}, encoder.tokenizer,
+                         max_len=encoder.max_len)
+  meta_data = {sp: dataclasses.replace(d, feats=image_feats(enc, d.images))
+               for sp, d in data.items()}
+  table = few_shot_table(meta_data, fcfg, scale, bias, config.seed,
+                          methods=("zs_head_adapt", "zeroshot"), samplers=samplers)
+  names = {"zs_head_adapt": m.algorithm, "zeroshot": f"{m.algorithm}_zeroshot"}
+  return {"methods": {names[k]: v for k, v in table.items()},
+          "meta_training": {"steps": int(m.steps), "algorithm": m.algorithm,
+                            "train_setting": m.train_setting, "meta_batch": int(m.meta_batch),
+                            "wall_time_s": train_s},
+          "zeroshot_top1_meta": {sp: zeroshot_top1(d.feats, d)
+                                 for sp, d in meta_data.items()}}
