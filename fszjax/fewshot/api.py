@@ -188,6 +188,27 @@ def _precision(model):
   return jax.default_matmul_precision(p) if p else contextlib.nullcontext()
 
 
+def _support(method, support_images, support_labels, class_names):
+  """``(ys, labels, names)`` of the support set, or a `FewShotError` naming what is missing."""
+  if method not in METHODS:
+    raise FewShotError(f"method={method!r} is unknown; use one of {METHODS}")
+  if method in NEEDS_NAMES and class_names is None and (
+      support_labels is None or not len(support_labels)
+      or not isinstance(list(support_labels)[0], str)):
+    raise FewShotError(f"method={method!r} starts from the text tower: pass class_names=[...] "
+                       "(or label the images with class names)")
+  if method == "zeroshot" and support_images is None:
+    names = [str(n) for n in class_names]
+    ys, labels = None, list(range(len(names)))
+  else:
+    if support_images is None:
+      raise FewShotError(f"method={method!r} needs support images; only 'zeroshot' works without")
+    ys, labels, names = _labels(support_labels, class_names)
+    if class_names is None and names is None and method != "protonet":
+      raise FewShotError(f"method={method!r} needs class_names")
+  return ys, labels, names
+
+
 def few_shot(model, support_images, support_labels, *, class_names: Sequence[str] | None = None,
              method: str = "zs_head_adapt", steps: int | None = None, lr: float | None = None,
              alpha: float = 0.5, blocks: int | None = None,
@@ -206,22 +227,7 @@ def few_shot(model, support_images, support_labels, *, class_names: Sequence[str
       head only).
     templates: prompt templates for the class names (default: the model config's).
   """
-  if method not in METHODS:
-    raise FewShotError(f"method={method!r} is unknown; use one of {METHODS}")
-  if method in NEEDS_NAMES and class_names is None and (
-      support_labels is None or not len(support_labels)
-      or not isinstance(list(support_labels)[0], str)):
-    raise FewShotError(f"method={method!r} starts from the text tower: pass class_names=[...] "
-                       "(or label the images with class names)")
-  if method == "zeroshot" and support_images is None:
-    names = [str(n) for n in class_names]
-    ys, labels = None, list(range(len(names)))
-  else:
-    if support_images is None:
-      raise FewShotError(f"method={method!r} needs support images; only 'zeroshot' works without")
-    ys, labels, names = _labels(support_labels, class_names)
-    if class_names is None and names is None and method != "protonet":
-      raise FewShotError(f"method={method!r} needs class_names")
+  ys, labels, names = _support(method, support_images, support_labels, class_names)
   n_way = len(labels)
   scale = float(model.logit_scale)
   bias = float(model.logit_bias or 0.0)
@@ -259,6 +265,15 @@ def few_shot(model, support_images, support_labels, *, class_names: Sequence[str
       head = dg_lib.wise_ft(head0, head, alpha)
     return make(head)
   # finetune / wise_ft of the last `blocks` blocks + the zero-shot head, on pixels.
+  head, backbone = _finetune_blocks(model, method, support_images, ys, text, head0, n_way,
+                                    steps, lr, blocks, alpha, scale, bias)
+  return make(head, backbone)
+
+
+def _finetune_blocks(model, method, support_images, ys, text, head0, n_way, steps, lr, blocks,
+                     alpha, scale, bias):
+  """(head, image-tower params) after fine-tuning the last `blocks` blocks and the zero-shot
+  head on the support pixels (WiSE-FT-mixed with the start for ``method='wise_ft'``)."""
   cfg = meta_lib.MetaConfig(algorithm="fomaml", n_way=n_way, inner_steps=steps, inner_lr=lr,
                             adapt=blocks, head_init="zeroshot", logit_scale=scale,
                             logit_bias=bias)
@@ -280,4 +295,4 @@ def few_shot(model, support_images, support_labels, *, class_names: Sequence[str
     adapted = fit(backbone0, jnp.asarray(_pixels(model, support_images)), ys, text)
   if method == "wise_ft":
     adapted = dg_lib.wise_ft({"backbone": backbone0, "head": head0}, adapted, alpha)
-  return make(adapted["head"], adapted["backbone"])
+  return adapted["head"], adapted["backbone"]
