@@ -172,7 +172,7 @@ def topology_devices(topo: Topology) -> list:
   _prepare_host(topo)
   try:
     # Lazy: libtpu is an optional, large package (the `tpu` extra).
-    import libtpu  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
+    import libtpu  # noqa: F401  (libtpu: optional TPU compiler, the tpu extra)
   except ImportError:
     raise CompileError(
         "compiling for a TPU topology needs libtpu: pip install -e \".[tpu]\" (or pip install "

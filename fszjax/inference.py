@@ -16,21 +16,22 @@ converted big_vision models (``config.data.tokenizer.kind``; see `fszjax.text`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Sequence
 
+import jax
+import ml_collections
 import numpy as np
 
-from fszjax import checkpoint as ckpt_lib
-from fszjax import config as config_lib
-from fszjax import evaluate, text
-from fszjax.data import errors as data_errors
-from fszjax.data import vocab
+from fszjax import checkpoint as ckpt_lib, config as config_lib, evaluate, text
+from fszjax.data import errors as data_errors, vocab
 from fszjax.data.preprocess import resize
 from fszjax.errors import UserError
 from fszjax.fewshot import api
-from fszjax.models.two_tower import TwoTower, build_model
+from fszjax.models.two_tower import build_model, TwoTower
+
 
 class LoadError(UserError):
   """A path that is not a loadable fszjax model; the message names the fix."""
@@ -42,7 +43,6 @@ def load_config(path: str):
   ``base_dir`` is the directory holding config.json (relative tokenizer paths resolve
   against it), or the step directory when only the checkpoint's own config exists.
   """
-  import ml_collections  # noqa: PLC0415
 
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
@@ -101,7 +101,7 @@ def model_tokenizer(config, base_dir: str | None):
 
 
 def _to_pil(img, mode: str):
-  from PIL import Image  # noqa: PLC0415
+  from PIL import Image  # Pillow: only to open image files
 
   if isinstance(img, Image.Image):
     out = img
@@ -134,8 +134,6 @@ class Model:
 
   def __init__(self, config, params, tokenizer=None, base_dir: str | None = None,
                batch_size: int = 64, precision: str | None = "highest"):
-    import jax  # noqa: PLC0415
-
     self.config, self.base_dir, self.batch_size = config, base_dir, int(batch_size)
     self.precision = precision
     self.module = build_model(config.model)
@@ -262,9 +260,7 @@ class Model:
     n = len(x)
     if n == 0:
       raise ValueError("nothing to encode")
-    import contextlib  # noqa: PLC0415
 
-    import jax  # noqa: PLC0415
 
     bs = self.batch_size
     outs = []

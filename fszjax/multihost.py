@@ -3,7 +3,6 @@
 fszjax is a multi-controller program: every host (TPU VM worker, SLURM task, local
 process) runs the same command; `jax.distributed.initialize` joins them into one job
 whose `jax.devices()` spans all hosts. How the job is found:
-
   explicit   ``--coordinator HOST:PORT --num_processes N --process_id I`` (or
              ``FSZJAX_COORDINATOR`` / ``FSZJAX_NUM_PROCESSES`` / ``FSZJAX_PROCESS_ID``):
              cluster detection is switched off (``cluster_detection_method="deactivate"``).
@@ -38,6 +37,9 @@ import os
 import socket
 import sys
 from typing import Any, Sequence
+
+import jax
+from jax.experimental import multihost_utils
 
 from fszjax.errors import UserError
 
@@ -160,7 +162,6 @@ def _init_kwargs(timeout: int | None) -> dict[str, int]:
   """Timeout keyword arguments this JAX version's `initialize` accepts."""
   if not timeout:
     return {}
-  import jax  # noqa: PLC0415
 
   params = inspect.signature(jax.distributed.initialize).parameters
   t = max(int(timeout), 1)
@@ -236,7 +237,6 @@ def initialize(**kwargs) -> str | None:
   race) is logged and the run goes on without the preemption service; any other failure
   raises.
   """
-  import jax  # noqa: PLC0415
 
   mode = kwargs.pop("mode", "explicit")
   if jax.distributed.is_initialized():
@@ -301,7 +301,6 @@ def initialize_from_args(args) -> str | None:
 def process_index() -> int:
   """This process's index; read from the distributed runtime when there is one (no backend
   is started then)."""
-  import jax  # noqa: PLC0415
 
   if jax.distributed.is_initialized():
     return int(_global_state().process_id)
@@ -309,8 +308,6 @@ def process_index() -> int:
 
 
 def process_count() -> int:
-  import jax  # noqa: PLC0415
-
   if jax.distributed.is_initialized():
     return int(_global_state().num_processes)
   return int(jax.process_count())
@@ -336,14 +333,12 @@ def sync(name: str, timeout_s: int | None = None) -> None:
     t = timeout_s or max(int(_STATE["timeout"] or 0) * 4, 600)
     client.wait_at_barrier(key, int(t * 1000))
     return
-  from jax.experimental import multihost_utils  # noqa: PLC0415
 
   multihost_utils.sync_global_devices(key)
 
 
 def describe() -> str:
   """One line about the job, e.g. for logs: processes, devices, mode."""
-  import jax  # noqa: PLC0415
 
   mode = _STATE["mode"] or "no distributed runtime"
   return (f"process {process_index()}/{process_count()} ({mode}), "
@@ -353,7 +348,6 @@ def describe() -> str:
 
 def shutdown() -> None:
   """Leaves the distributed runtime (JAX also does this at exit)."""
-  import jax  # noqa: PLC0415
 
   if jax.distributed.is_initialized():
     jax.distributed.shutdown()
