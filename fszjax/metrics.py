@@ -46,6 +46,12 @@ def setup_logging(level: int = logging.INFO) -> None:
   a terminal, tqdm bars are disabled (``TQDM_DISABLE``) and TFDS's progress bars too.
   """
   root = logging.getLogger()
+  # A library imported before this call may have run `logging.basicConfig()`, leaving a
+  # second stderr handler that would print every line twice ("INFO:fszjax:...").
+  for h in list(root.handlers):
+    if (type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__)
+        and not getattr(h, _HANDLER_MARK, False)):
+      root.removeHandler(h)
   if not any(getattr(h, _HANDLER_MARK, False) for h in root.handlers):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",

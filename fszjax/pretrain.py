@@ -299,7 +299,9 @@ def make_train_step(model: TwoTower, tx, schedule, config, mesh: Mesh | None, ru
           "loss": loss,
           "lr": schedule(state.step),
           "grad_norm": optax.tree.norm(grads),
-          "param_norm": optax.tree.norm(state.params),
+          # The updated params: a norm of the donated input params would make XLA keep a
+          # copy of every parameter alive next to the update (measured: 77 vs 26 MB/step).
+          "param_norm": optax.tree.norm(params),
           "logit_scale": jnp.exp(t),
           "i2t_acc": in_batch_accuracy(zi, zt, mesh),
       }

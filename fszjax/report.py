@@ -17,7 +17,11 @@ import json
 import math
 import os
 import platform
+import re
 import time
+from importlib import metadata
+
+import numpy as np
 
 from fszjax.fewshot.results import results_markdown
 from fszjax.metrics import plot_report, read_jsonl
@@ -228,8 +232,6 @@ def _plt():
 
 
 def _setting(st: str):
-  import re  # noqa: PLC0415
-
   m = re.fullmatch(r"(\d+)way(\d+)shot", st)
   return (int(m.group(1)), int(m.group(2))) if m else None
 
@@ -297,7 +299,6 @@ def plot_per_font(dg: dict, out_path: str) -> bool:
   per = (dg or {}).get("per_font", {}).get("test_fonts")
   if not per:
     return False
-  import numpy as np  # noqa: PLC0415
 
   plt = _plt()
   counts = (dg.get("per_font_count") or {}).get("test_fonts") or {}
@@ -406,7 +407,6 @@ def stage_times(run: str) -> dict[str, float]:
 
 def package_versions() -> str:
   """``python 3.11.x, jax 0.10.2, ...`` of the packages that determine the numbers."""
-  from importlib import metadata  # noqa: PLC0415
 
   out = [f"python {platform.python_version()}"]
   for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",

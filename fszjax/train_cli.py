@@ -12,15 +12,13 @@ import jax
 from fszjax import checkpoint as ckpt_lib
 from fszjax import config as config_lib
 from fszjax import evaluate, inference, pretrain, sharding
+from fszjax import metrics as metrics_lib
 from fszjax import workdir as workdir_lib
 from fszjax.data import errors as data_errors
 
 
 def _logging():
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S")
-  for noisy in ("absl", "orbax", "jax._src", "tensorflow"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  metrics_lib.setup_logging()
 
 
 def _cmd_pretrain(args, overrides) -> int:
