@@ -32,7 +32,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
              "fszjax.convert", "fszjax.convert.*", "fszjax.bench", "fszjax.fewshot.bench",
              "fszjax.aot", "fszjax.aot_report")),
     ("data_text", ("fszjax.text", "fszjax.text.*", "fszjax.data", "fszjax.data.*")),
-    ("train_eval", ("fszjax.pretrain", "fszjax.train", "fszjax.train.*", "fszjax.evaluate",
+    ("train_eval", ("fszjax.pretrain", "fszjax.train_state", "fszjax.train_step",
+                    "fszjax.train", "fszjax.train.*", "fszjax.evaluate",
                     "fszjax.fewshot", "fszjax.fewshot.*", "fszjax.inference")),
 )
 RANK = {"base": 0, "core": 1, "data_text": 2, "train_eval": 3, "top": 4}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-import grain
 import jax
 import numpy as np
 from absl import flags
@@ -34,12 +33,19 @@ from fszjax.data.preprocess import SKIP, ExampleProcessor, SkipCounter
 from fszjax.data.sources import components, open_split
 from fszjax.data.vocab import get_tokenizer
 
+try:
+  import grain
+  _IterBase, _DatasetBase = grain.DatasetIterator, grain.IterDataset
+except ModuleNotFoundError:  # grain is optional where only `fszjax bench` runs (synthetic data)
+  grain = None
+  _IterBase = _DatasetBase = object
+
 
 def _batch_items(items: list[dict]) -> dict[str, np.ndarray]:
   return {k: np.stack([it[k] for it in items]) for k in items[0]}
 
 
-class _CountingBatchIterator(grain.DatasetIterator):
+class _CountingBatchIterator(_IterBase):
   """Batches elements, dropping skip markers and reporting how many in `_skipped`."""
 
   def __init__(self, parent_it, batch_size: int, drop_remainder: bool):
@@ -71,7 +77,7 @@ class _CountingBatchIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
 
-class CountingBatchDataset(grain.IterDataset):
+class CountingBatchDataset(_DatasetBase):
   """`IterDataset` of batches (dicts of stacked arrays) that skips undecodable examples.
 
   Each batch carries `_skipped`: how many examples were dropped while filling it.
@@ -89,7 +95,7 @@ class CountingBatchDataset(grain.IterDataset):
     return f"CountingBatchDataset(batch_size={self._batch_size}, drop_remainder={self._drop_remainder})"
 
 
-class TrainIterator(grain.DatasetIterator):
+class TrainIterator(_IterBase):
   """Infinite iterator of numpy batches with exact, checkpointable state.
 
   `num_skipped` counts undecodable images skipped so far (part of the state).
@@ -130,6 +136,8 @@ def _process_info(process_index, process_count) -> tuple[int, int]:
 def make_train_dataset(data_cfg, *, global_batch: int, seed: int, process_index: int | None = None,
                        process_count: int | None = None, tokenizer=None):
   """The grain `IterDataset` behind `make_train_iterator` (batches carry a `_skipped` count)."""
+  if grain is None:
+    raise DataError("training needs the grain package: pip install grain")
   pi, pc = _process_info(process_index, process_count)
   if global_batch % pc:
     raise DataError(f"global batch {global_batch} is not divisible by {pc} processes; use a multiple of {pc}")
