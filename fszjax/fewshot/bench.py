@@ -10,9 +10,8 @@ Every result has a ``learn2learn_setting`` line saying whether it ran exactly th
 ``tasks_per_sec = meta_batch / median(step time)`` over the timed steps; compilation (the
 first call) and `warmup` further steps are excluded. Output: one JSON line.
 
-Importable without grain / tensorflow-datasets / ml_collections: only jax, numpy and
-optax are imported at use time; a ``.py`` config file needs ml_collections, a ``.json``
-config or plain ``--key=value`` flags do not.
+Importable without grain / tensorflow-datasets (the GPU machine may lack them); configs
+(``.py`` or a saved ``.json``) are read by `fszjax.config`, as everywhere else.
 
 Settings (`DEFAULTS`) come from, in increasing priority: defaults, the config's
 ``bench_adapt`` / ``fewshot`` / ``adapt`` section (known keys only), keyword arguments.
@@ -20,6 +19,7 @@ Settings (`DEFAULTS`) come from, in increasing priority: defaults, the config's
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import json
@@ -29,6 +29,11 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
+import optax
+
+from fszjax import config as config_lib
 from fszjax import sharding as shd
 from fszjax.config import split_overrides
 from fszjax.errors import UserError
@@ -133,9 +138,6 @@ def resolve_settings(config: Any = None, **kwargs) -> dict:
 
 
 def _synthetic_tasks(s: dict, key):
-  import jax
-  import jax.numpy as jnp
-
   t, n = s["meta_batch"], s["n_way"]
   shape = (s["image_size"], s["image_size"], s["channels"])
   ks, kq = jax.random.split(key)
@@ -173,15 +175,33 @@ def bench_adapt(config: Any = None, **kwargs) -> dict:
     q_query, inner_steps, meta_batch, formulation, task_chunk, remat, strategy, devices,
     platform, device_kind.
   """
-  import jax
-  import optax
-
   backbone = _section(_as_dict(config), "fewshot").get("backbone", "conv4")
   if backbone != "conv4":
     raise BenchError(f"bench adapt times Conv-4 meta-training; this config's backbone is "
                      f"{backbone!r}: pass a Conv-4 config (configs/glyphs_maml_conv4.py) or none")
   s = resolve_settings(config, **kwargs)
   platform = jax.default_backend()
+  formulation, chunk, ndev = _layout(s, platform)
+  run, chunk, ndev = _make_run(s, formulation, chunk, ndev)
+  first, times = _time(run, s["steps"], s["warmup"])
+  med = statistics.median(times)
+  t = s["meta_batch"]
+  return {
+      "bench": "adapt", "algorithm": s["algorithm"], "n_way": s["n_way"], "k_shot": s["k_shot"],
+      "q_query": s["q_query"], "inner_steps": s["inner_steps"], "meta_batch": t,
+      "tasks_per_sec": round(t / med, 3), "step_time_s": round(med, 5),
+      "step_time_min_s": round(min(times), 5), "compile_s": round(first - med, 3),
+      "formulation": formulation, "task_chunk": chunk, "remat": s["remat"], "norm": s["norm"],
+      "compute_dtype": s["compute_dtype"],
+      "strategy": s["strategy"], "devices": ndev, "platform": platform,
+      "device_kind": jax.devices()[0].device_kind, "steps": s["steps"],
+      "jax_version": jax.__version__,
+      "learn2learn_setting": _l2l_note(s),
+  }
+
+
+def _layout(s: dict, platform: str) -> tuple[str, int, int]:
+  """``(formulation, task_chunk, devices)`` with 'auto' / -1 / 0 resolved and checked."""
   formulation = s["formulation"]
   if formulation == "auto":
     formulation = "im2col" if platform == "cpu" else "conv"
@@ -196,6 +216,12 @@ def bench_adapt(config: Any = None, **kwargs) -> dict:
     raise BenchError(f"meta_batch={t} is not divisible by devices={ndev}")
   if chunk and (t // ndev) % chunk:
     chunk = 0 if (t // ndev) < chunk else next(c for c in range(chunk, 0, -1) if (t // ndev) % c == 0)
+  return formulation, chunk, ndev
+
+
+def _make_run(s: dict, formulation: str, chunk: int, ndev: int):
+  """``(run, task_chunk, devices)``: `run()` does one meta-training step and blocks."""
+  t = s["meta_batch"]
   cfg = meta_lib.MetaConfig(
       algorithm=s["algorithm"], n_way=s["n_way"], inner_steps=s["inner_steps"],
       inner_lr=s["inner_lr"], first_order=s["first_order"], remat=s["remat"],
@@ -226,38 +252,22 @@ def bench_adapt(config: Any = None, **kwargs) -> dict:
     def run():
       state["p"], state["o"], _ = step(state["p"], state["o"], tasks)
       jax.block_until_ready(state["p"])
-  elif s["strategy"] == "task_loop":
-    ndev = 1
-    chunk = None
+    return run, chunk, ndev
+  if s["strategy"] == "task_loop":
     grad_one = jax.jit(lambda p, task: meta_lib.task_grad(p, task, features_fn=features_fn,
                                                          cfg=cfg)[0])
     apply = jax.jit(lambda p, o, g: _apply(opt, p, o, g, t), donate_argnums=(0, 1))
     per_task = [jax.tree.map(lambda x: x[i], tasks) for i in range(t)]
 
-    def run():
+    def run_loop():
       total = None
       for task in per_task:
         g = grad_one(state["p"], task)
-        total = g if total is None else jax.tree.map(jax.numpy.add, total, g)
+        total = g if total is None else jax.tree.map(jnp.add, total, g)
       state["p"], state["o"] = apply(state["p"], state["o"], total)
       jax.block_until_ready(state["p"])
-  else:
-    raise BenchError(f"strategy={s['strategy']!r}: use 'meta_batch' or 'task_loop'")
-
-  first, times = _time(run, s["steps"], s["warmup"])
-  med = statistics.median(times)
-  return {
-      "bench": "adapt", "algorithm": s["algorithm"], "n_way": s["n_way"], "k_shot": s["k_shot"],
-      "q_query": s["q_query"], "inner_steps": s["inner_steps"], "meta_batch": t,
-      "tasks_per_sec": round(t / med, 3), "step_time_s": round(med, 5),
-      "step_time_min_s": round(min(times), 5), "compile_s": round(first - med, 3),
-      "formulation": formulation, "task_chunk": chunk, "remat": s["remat"], "norm": s["norm"],
-      "compute_dtype": s["compute_dtype"],
-      "strategy": s["strategy"], "devices": ndev, "platform": platform,
-      "device_kind": jax.devices()[0].device_kind, "steps": s["steps"],
-      "jax_version": jax.__version__,
-      "learn2learn_setting": _l2l_note(s),
-  }
+    return run_loop, None, 1
+  raise BenchError(f"strategy={s['strategy']!r}: use 'meta_batch' or 'task_loop'")
 
 
 def _l2l_note(s: Mapping[str, Any]) -> str:
@@ -269,9 +279,6 @@ def _l2l_note(s: Mapping[str, Any]) -> str:
 
 
 def _apply(opt, params, opt_state, grad_sum, t):
-  import jax
-  import optax
-
   grads = jax.tree.map(lambda g: g / t, grad_sum)
   updates, opt_state = opt.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
@@ -288,24 +295,7 @@ def _parse_value(raw: str) -> Any:
 
 
 def _load_config(path: str | None, overrides: Sequence[tuple[str, str]]) -> Any:
-  if not path:
-    return None
-  try:
-    from fszjax import config as config_lib
-  except ImportError:
-    if not path.endswith(".json"):
-      raise SystemExit(f"fszjax bench adapt: reading {path} needs ml-collections "
-                       "(pip install ml-collections), or pass a .json config or --key=value flags")
-    with open(path) as f:
-      cfg = json.load(f)
-    for k, v in overrides:
-      node = cfg
-      *parents, leaf = k.split(".")
-      for p in parents:
-        node = node.setdefault(p, {})
-      node[leaf] = _parse_value(v)
-    return cfg
-  return config_lib.load_config(path, list(overrides))
+  return config_lib.load_config(path, list(overrides)) if path else None
 
 
 def main(argv: Any = None, overrides: Sequence[tuple[str, str]] | None = None) -> int:
@@ -316,8 +306,6 @@ def main(argv: Any = None, overrides: Sequence[tuple[str, str]] | None = None) -
   """
   kwargs: dict[str, Any] = {}
   if argv is None or isinstance(argv, (list, tuple)):
-    import argparse  # noqa: PLC0415
-
     ovr, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(prog="fszjax bench adapt")
     parser.add_argument("--config", default=None)
