@@ -21,6 +21,7 @@ import jax
 from jax.sharding import Mesh
 
 from fszjax import checkpoint, evaluate, flops, interrupt, sharding
+from fszjax import loop as loop_lib
 from fszjax import config as config_lib
 from fszjax import metrics as metrics_lib
 from fszjax import text as tokenizer_lib
@@ -309,18 +310,16 @@ def _loop(run: _Run, step_fn, stop_at: int | None):
           run.t_last = time.perf_counter()  # evaluation time is not training throughput
         if row is not None:
           run.writer.write(step, row)
-        preempted = ckpt.reached_preemption(step)
-        interrupted = stop_request.requested
-        stop_now = (stop_at is not None and step >= stop_at) or interrupted
-        if ckpt.should_save(step) or step == total or preempted or stop_now:
+        end = loop_lib.step_end(ckpt, step, total, stop_request, stop_at)
+        interrupted = end.interrupted
+        if end.save:
           # Never save while the loss spikes: the checkpoint would be kept as "good".
           _finite_or_raise(float(jax.device_get(metrics["loss"])), step, run.monitor)
           ckpt.save(step, run.state, run.train_iter, config, metrics=eval_metrics, force=True)
-        if preempted or stop_now:
+        if end.stop:
           stopped_early = True
           if run.is_main:
-            _log.warning("stopping at step %d (%s); rerun the same command to resume", step,
-                         "preemption" if preempted else "Ctrl-C" if interrupted else "stop_at")
+            loop_lib.log_stop("pretraining", step, end)
           break
   except TrainingDiverged as e:
     progress.close()

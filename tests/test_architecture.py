@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
              "fszjax.convert", "fszjax.convert.*", "fszjax.bench", "fszjax.fewshot.bench",
              "fszjax.aot", "fszjax.aot_report")),
     ("data_text", ("fszjax.text", "fszjax.text.*", "fszjax.data", "fszjax.data.*")),
-    ("train_eval", ("fszjax.pretrain", "fszjax.train_state", "fszjax.train_step",
+    ("train_eval", ("fszjax.pretrain", "fszjax.train_state", "fszjax.train_step", "fszjax.loop",
                     "fszjax.train", "fszjax.train.*", "fszjax.evaluate",
                     "fszjax.fewshot", "fszjax.fewshot.*", "fszjax.inference")),
 )

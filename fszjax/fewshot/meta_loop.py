@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from fszjax import checkpoint, interrupt, sharding
+from fszjax import loop as loop_lib
 from fszjax import metrics as metrics_lib
 from fszjax.fewshot import meta as meta_lib
 from fszjax.fewshot.episodes import AdaptError
@@ -107,16 +108,15 @@ def meta_train(config, ckpt_dir: str, features_fn, mcfg: meta_lib.MetaConfig, me
                  host["loss"], host["acc"], rate,
                  metrics_lib.eta(step - start, total - start, elapsed))
         writer.write(step, {**host, "tasks_per_sec": rate})
-      preempted, interrupted = ckpt.reached_preemption(step), stop.requested
-      if ckpt.should_save(step) or step == total or preempted or interrupted:
+      end = loop_lib.step_end(ckpt, step, total, stop)
+      if end.save:
         ckpt.save(step, {"step": jnp.asarray(step, jnp.int32), "params": meta_params,
                          "opt_state": opt_state}, force=True)
-      if preempted or interrupted:
+      if end.stop:
         ckpt.close()
         writer.close()
-        log.warning("stopped at meta step %d (%s); rerun the same command to resume", step,
-                    "preemption" if preempted else "Ctrl-C")
-        if interrupted:
+        loop_lib.log_stop("meta-training", step, end)
+        if end.interrupted:
           raise KeyboardInterrupt
         raise SystemExit(0)
   ckpt.close()
