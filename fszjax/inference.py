@@ -33,6 +33,10 @@ from fszjax.fewshot import api
 from fszjax.models.two_tower import build_model, TwoTower
 
 
+class ImageInputError(UserError):
+  """Images of the wrong shape for the model; the message names the expected one."""
+
+
 class LoadError(UserError):
   """A path that is not a loadable fszjax model; the message names the fix."""
 
@@ -214,15 +218,21 @@ class Model:
   def encode_image(self, images, normalize: bool = True) -> np.ndarray:
     """Preprocessed float ``(B, S, S, C)`` images -> ``(B, E)`` float32. Raw images (PIL,
     uint8 arrays, lists) are passed through `preprocess` first."""
+    return self._batched(self._img[bool(normalize)], self.image_batch(images))
+
+  def image_batch(self, images) -> np.ndarray:
+    """The model's float ``(B, S, S, C)`` input from raw images (PIL, uint8 arrays, lists:
+    passed through `preprocess`) or already preprocessed floats (checked)."""
     if (isinstance(images, (list, tuple)) or not hasattr(images, "shape")
         or images.dtype == np.uint8):
       images = self.preprocess(images)
     images = np.asarray(images, np.float32)
     want = (self.image_size, self.image_size, self.channels)
     if images.ndim != 4 or images.shape[1:] != want:
-      raise ValueError(f"images must be (B, {want[0]}, {want[1]}, {want[2]}) NHWC, got "
-                       f"{images.shape}; use model.preprocess(raw_images)")
-    return self._batched(self._img[bool(normalize)], images)
+      raise ImageInputError(f"images must be (B, {want[0]}, {want[1]}, {want[2]}) NHWC, got "
+                            f"{images.shape}; pass uint8 arrays or PIL images, or "
+                            "model.preprocess(raw_images)")
+    return images
 
   # -- zero-shot
   def zero_shot_classifier(self, classnames: Sequence[str | Sequence[str]],

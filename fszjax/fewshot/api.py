@@ -85,19 +85,6 @@ def _identity(_, x):
   return x
 
 
-def _pixels(model, images) -> np.ndarray:
-  """Raw or preprocessed images -> the model's float (B, S, S, C) input."""
-  if (isinstance(images, (list, tuple)) or not hasattr(images, "shape")
-      or images.dtype == np.uint8):
-    images = model.preprocess(images)
-  images = np.asarray(images, np.float32)
-  want = (model.image_size, model.image_size, model.channels)
-  if images.ndim != 4 or images.shape[1:] != want:
-    raise FewShotError(f"images must be (B, {want[0]}, {want[1]}, {want[2]}) preprocessed floats, "
-                       f"uint8 arrays or PIL images; got {images.shape}")
-  return images
-
-
 def _labels(support_labels, class_names):
   """(task labels 0..N-1, the label of each column, class names or None)."""
   labels = list(np.asarray(support_labels).tolist()) if isinstance(support_labels, np.ndarray) \
@@ -159,7 +146,7 @@ class FewShotClassifier:
     """(B, E) L2-normalised image embeddings under this classifier's image tower."""
     if self.backbone is None:
       return self.model.encode_image(images)
-    x = _pixels(self.model, images)
+    x = self.model.image_batch(images)
     fn = _cached(self.model, ("features",), lambda: jax.jit(_tower_features(self.model)))
     bs = max(1, int(self.model.batch_size))
     with _precision(self.model):
@@ -292,7 +279,7 @@ def _finetune_blocks(model, method, support_images, ys, text, head0, n_way, step
 
   fit = _cached(model, ("finetune", cfg), build)
   with _precision(model):
-    adapted = fit(backbone0, jnp.asarray(_pixels(model, support_images)), ys, text)
+    adapted = fit(backbone0, jnp.asarray(model.image_batch(support_images)), ys, text)
   if method == "wise_ft":
     adapted = dg_lib.wise_ft({"backbone": backbone0, "head": head0}, adapted, alpha)
   return adapted["head"], adapted["backbone"]
