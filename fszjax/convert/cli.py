@@ -52,6 +52,15 @@ def _cmd_to_open_clip(args, overrides) -> int:
   return 0
 
 
+def _import_args(p, weights_help: str) -> None:
+  """The arguments every weight import takes."""
+  p.add_argument("--weights", required=True, help=weights_help)
+  p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+  p.add_argument("--scan_layers", action="store_true",
+                 help="write the scanned block layout (config.model.scan_layers=True)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
 def add_parsers(sub) -> None:
   p = sub.add_parser("convert", help="import open_clip / big_vision weights, export to open_clip")
   conv = p.add_subparsers(dest="convert_kind", required=True)
@@ -62,19 +71,14 @@ def add_parsers(sub) -> None:
                       "for OpenAI's original weights)")
   o.add_argument("--model_config", default=None,
                  help="open_clip model config JSON instead of --model (custom architectures)")
-  o.add_argument("--weights", required=True, help=".safetensors or torch state dict (.pt/.bin)")
-  o.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+  _import_args(o, ".safetensors or torch state dict (.pt/.bin)")
   o.add_argument("--quick_gelu", action="store_true", help="force QuickGELU (OpenAI weights)")
   o.add_argument("--bpe", default=None,
                  help="bpe_simple_vocab_16e6.txt.gz (default: the one in the installed open_clip)")
-  o.add_argument("--scan_layers", action="store_true",
-                 help="write the scanned block layout (config.model.scan_layers=True)")
-  o.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   o.set_defaults(func=_cmd_open_clip)
 
   b = conv.add_parser("big_vision", help="big_vision SigLIP/LiT two-tower .npz -> fszjax directory")
-  b.add_argument("--weights", required=True, help="big_vision checkpoint .npz")
-  b.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+  _import_args(b, "big_vision checkpoint .npz")
   b.add_argument("--tokenizer", default=None, help="the checkpoint's SentencePiece .model")
   b.add_argument("--image_size", type=int, default=None,
                  help="only for sincos position embeddings (otherwise read from the weights)")
@@ -84,9 +88,6 @@ def add_parsers(sub) -> None:
   b.add_argument("--text_eos", default="sticky", choices=["sticky", "yes", "none"])
   b.add_argument("--text_pad", type=int, default=1, help="pad id (SigLIP: 1)")
   b.add_argument("--text_clean", default="canonicalize", choices=["canonicalize", "lower", "none"])
-  b.add_argument("--scan_layers", action="store_true",
-                 help="write the scanned block layout (config.model.scan_layers=True)")
-  b.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   b.set_defaults(func=_cmd_big_vision)
 
   e = conv.add_parser("to_open_clip", help="fszjax CLIP-style model -> open_clip safetensors")
