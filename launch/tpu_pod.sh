@@ -169,7 +169,9 @@ if ! ~/.local/bin/uv --version 2>/dev/null | grep -qx "uv $UV_VERSION.*"; then
     "uv==$UV_VERSION"
 fi
 ~/.local/bin/uv venv -q --allow-existing --python $PYTHON_VERSION ~/fszjax-venv
-~/.local/bin/uv pip install -q --python ~/fszjax-venv/bin/python -e ~/$REMOTE_DIR"[tpu]"
+# fszjax and its dependencies from PyPI by name, pinned to the versions CI tests.
+~/.local/bin/uv pip install -q --python ~/fszjax-venv/bin/python \
+  -c ~/$REMOTE_DIR/launch/constraints-tpu.txt -e ~/$REMOTE_DIR"[tpu]"
 ~/fszjax-venv/bin/python -c "import fszjax, jax; print(jax.__version__)"
 EOF
   )
