@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
@@ -235,6 +236,11 @@ def contrastive_loss(kind: str, zimg, ztxt, log_scale, bias=None, *, mesh: Mesh 
     raise ValueError(f"unknown loss {kind!r}; use one of {LOSSES} (config.loss)")
   if kind == "siglip" and bias is None:
     raise ValueError("the siglip loss needs a logit bias: set config.model.logit_bias=True")
+  # Paired (B, E) embeddings and scalar temperature / bias (checked at trace time).
+  chex.assert_rank([zimg, ztxt, log_scale], [2, 2, 0])
+  chex.assert_equal_shape([zimg, ztxt])
+  if bias is not None:
+    chex.assert_rank(bias, 0)
   if chunked and mesh is not None:
     if kind == "clip":
       return clip_loss_chunked(zimg, ztxt, log_scale, mesh)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -162,6 +163,8 @@ def proto_logits(features_fn: FeaturesFn, backbone: Params, task: dict,
   """ProtoNets logits (Q, N): minus squared distances of query features to class means."""
   fs = features_fn(backbone, task["support_x"])
   fq = features_fn(backbone, task["query_x"])
+  chex.assert_rank([fs, fq], 2)  # (S, D) support and (Q, D) query features
+  chex.assert_equal_shape_suffix([fs, fq], 1)
   c = inner_lib.prototypes(fs, task["support_y"], n_way)
   return -(jnp.sum(fq * fq, -1, keepdims=True) - 2.0 * fq @ c.T + jnp.sum(c * c, -1))
 
