@@ -148,9 +148,11 @@ def make_train_step(model: TwoTower, tx, schedule, config, mesh: Mesh | None, ru
           "loss": loss,
           "lr": schedule(state.step),
           "grad_norm": optax.tree.norm(grads),
-          # The updated params: a norm of the donated input params would make XLA keep a
-          # copy of every parameter alive next to the update (measured: 77 vs 26 MB/step).
-          "param_norm": optax.tree.norm(params),
+          # The norm of the step's input params. It makes XLA keep a copy of the donated
+          # params next to the update (77 vs 26 MB/step on the issue-17 CPU setting), but
+          # taking it of the updated params instead made an 8-device CPU run with a
+          # diverged (inf) update hang in an all-gather rendezvous (tests/test_faults.py).
+          "param_norm": optax.tree.norm(state.params),
           "logit_scale": jnp.exp(t),
           "i2t_acc": in_batch_accuracy(zi, zt, mesh),
       }
