@@ -29,6 +29,22 @@ def glyphs_data_dir(tmp_path_factory) -> str:
   return data_dir
 
 
+def tiny_run_overrides(total_steps: int = 3, max_examples: int = 32,
+                       max_chars: int = GLYPH_MAX_CHARS) -> list[str]:
+  """`--config.*` overrides of configs/glyphs.py for a tiny pretraining run (seconds)."""
+  return [
+      f"--config.data.glyphs.max_chars={max_chars}",
+      "--config.data.tokenizer.vocab_size=256", "--config.model.text.vocab_size=256",
+      "--config.data.num_threads=1", "--config.batch_size=16", "--config.model.embed_dim=16",
+      "--config.model.image.width=32", "--config.model.image.depth=1",
+      "--config.model.image.mlp_dim=64", "--config.model.image.num_heads=2",
+      "--config.model.image.patch_size=8", "--config.model.text.width=32",
+      "--config.model.text.depth=1", "--config.model.text.mlp_dim=64",
+      "--config.model.text.num_heads=2", f"--config.total_steps={total_steps}",
+      "--config.eval_every=0", f"--config.eval.max_examples={max_examples}",
+      "--config.progress=False", "--config.checkpoint.best_metric="]
+
+
 def glyph_cfg(data_dir: str, **overrides):
   """The default glyphs data config pointed at the test build (small tokenizer)."""
   from fszjax.data import defaults

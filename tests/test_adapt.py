@@ -22,16 +22,8 @@ def gdir(tmp_path_factory):
 def pretrained(gdir, tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("pre"))
   cfg = config_lib.load_config(os.path.join(ROOT, "configs/glyphs.py"), [
-      f"--config.data.data_dir={gdir}", f"--config.data.glyphs.max_chars={data_testlib.GLYPH_MAX_CHARS}",
-      "--config.data.tokenizer.vocab_size=256", "--config.model.text.vocab_size=256",
-      "--config.data.num_threads=1", "--config.batch_size=16", "--config.model.embed_dim=16",
-      "--config.model.image.width=32", "--config.model.image.depth=1",
-      "--config.model.image.mlp_dim=64", "--config.model.image.num_heads=2",
-      "--config.model.image.patch_size=8", "--config.model.text.width=32",
-      "--config.model.text.depth=1", "--config.model.text.mlp_dim=64",
-      "--config.model.text.num_heads=2", "--config.total_steps=4", "--config.eval_every=0",
-      "--config.eval.max_examples=32", "--config.progress=False",
-      "--config.checkpoint.best_metric="])
+      f"--config.data.data_dir={gdir}",
+      *data_testlib.tiny_run_overrides(total_steps=4, max_examples=32)])
   pretrain.train(cfg, wd)
   return wd
 

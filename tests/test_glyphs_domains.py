@@ -149,16 +149,8 @@ def test_existing_model_evaluated_on_a_held_out_font_directory(gdir, new_fonts, 
 
   pre = str(tmp_path / "pre")
   cfg = config_lib.load_config(os.path.join(ROOT, "configs/glyphs.py"), [
-      f"--config.data.data_dir={gdir}", f"--config.data.glyphs.max_chars={MAX}",
-      "--config.data.tokenizer.vocab_size=256", "--config.model.text.vocab_size=256",
-      "--config.data.num_threads=1", "--config.batch_size=16", "--config.model.embed_dim=16",
-      "--config.model.image.width=32", "--config.model.image.depth=1",
-      "--config.model.image.mlp_dim=64", "--config.model.image.num_heads=2",
-      "--config.model.image.patch_size=8", "--config.model.text.width=32",
-      "--config.model.text.depth=1", "--config.model.text.mlp_dim=64",
-      "--config.model.text.num_heads=2", "--config.total_steps=2", "--config.eval_every=0",
-      "--config.eval.max_examples=16", "--config.progress=False",
-      "--config.checkpoint.best_metric="])
+      f"--config.data.data_dir={gdir}",
+      *data_testlib.tiny_run_overrides(total_steps=2, max_examples=16, max_chars=MAX)])
   pretrain.train(cfg, pre)
 
   data_dir = str(tmp_path / "data")

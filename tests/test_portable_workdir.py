@@ -14,17 +14,7 @@ import fszjax
 from fszjax import cli, config as config_lib, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_RUN = [
-    f"--config.data.glyphs.max_chars={data_testlib.GLYPH_MAX_CHARS}",
-    "--config.data.tokenizer.vocab_size=256", "--config.model.text.vocab_size=256",
-    "--config.data.num_threads=1", "--config.batch_size=16", "--config.model.embed_dim=16",
-    "--config.model.image.width=32", "--config.model.image.depth=1",
-    "--config.model.image.mlp_dim=64", "--config.model.image.num_heads=2",
-    "--config.model.image.patch_size=8", "--config.model.text.width=32",
-    "--config.model.text.depth=1", "--config.model.text.mlp_dim=64",
-    "--config.model.text.num_heads=2", "--config.total_steps=3", "--config.eval_every=0",
-    "--config.eval.max_examples=32", "--config.progress=False",
-    "--config.checkpoint.best_metric="]
+TINY_RUN = data_testlib.tiny_run_overrides(total_steps=3, max_examples=32)
 ADAPT_SMALL = [
     "--config.fewshot.splits=['test_classes']", "--config.fewshot.settings=['5way1shot']",
     "--config.fewshot.episodes=10", "--config.fewshot.q_query=2",
