@@ -8,7 +8,7 @@ of `fszjax.pretrain` is lowered on a mesh of those devices with abstract argumen
 (`ShapeDtypeStruct`s carrying the run's shardings) and compiled by the real TPU compiler,
 so the per-chip memory, the collectives and XLA's cost analysis are those of the run.
 The evaluation encoders are compiled the same way (parameters sharded as in training,
-one evaluation batch on every chip, as `fszjax.evaluate.Encoder` runs them).
+one evaluation batch on every chip, as `fszjax.evaluate.EmbeddingEncoder` runs them).
 
 Reported per chip: argument / output / temporary bytes against the chip's HBM and
 ``fits``; the analytic model FLOPs (`fszjax.flops`) and XLA's FLOPs and bytes (XLA
@@ -289,7 +289,7 @@ def compile_report(config, topo: Topology, with_eval: bool = True, dump_hlo: str
     compiled, compile_s, oom = _compile(step.jitted, abstract, batch)
 
   n = mesh.devices.size
-  dp = sharding.batch_size_per_shard(mesh)
+  dp = sharding.data_parallel_size(mesh)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   state_total = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
                     for x in jax.tree.leaves(abstract))

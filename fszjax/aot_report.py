@@ -117,7 +117,7 @@ def suggest_fixes(config, mesh: Mesh, mem: dict, hbm: int) -> str:
   args, temps = mem.get("argument_bytes", 0), mem.get("temp_bytes", 0)
   extra_out = max(mem.get("output_bytes", 0) - mem.get("alias_bytes", 0), 0)
   need = args + temps + extra_out
-  dp = sharding.batch_size_per_shard(mesh)
+  dp = sharding.data_parallel_size(mesh)
   per_chip = config.batch_size // dp
   fixes = []
   remat = config.model.get("remat", "none")

@@ -158,7 +158,7 @@ def _replicated_like(tree) -> dict:
   return {}
 
 
-class Encoder:
+class EmbeddingEncoder:
   """Batched, jitted image / text encoders of a `TwoTower` with fixed parameters."""
 
   def __init__(self, model, params, tokenizer=None, max_len: int | None = None,
@@ -200,7 +200,7 @@ class Encoder:
     return self.tokens(self.tokenizer.encode(list(texts), self.max_len))
 
 
-def evaluate_split(encoder: Encoder, arrays: dict, templates: Sequence[str],
+def evaluate_split(encoder: EmbeddingEncoder, arrays: dict, templates: Sequence[str],
                    retrieval: bool = True) -> tuple[dict, dict | None]:
   """Zero-shot (and class-name retrieval) metrics on one split's arrays
   (``image``, ``label``, ``class_names``). Labels index ``class_names``; classes absent
@@ -217,7 +217,7 @@ def evaluate_split(encoder: Encoder, arrays: dict, templates: Sequence[str],
   return zs, ret
 
 
-def evaluate_captions(encoder: Encoder, arrays: dict, ks=(1, 5, 10)) -> dict:
+def evaluate_captions(encoder: EmbeddingEncoder, arrays: dict, ks=(1, 5, 10)) -> dict:
   """Image<->caption recall@K on one split's arrays (``image``, ``captions``: a list of
   caption lists, one per image). Images without captions are left out of the queries and
   candidates and counted in ``images_without_captions``."""
@@ -268,7 +268,7 @@ def run_evaluators(config, model, params, tokenizer=None, splits=None, arrays_ca
   max_examples = max_examples or (ecfg.get("max_examples", 0) if ecfg is not None else 0) or None
   tokenizer = tokenizer or vocab.get_tokenizer(dcfg)
   templates = list(sources.prompt_templates(dcfg))
-  encoder = Encoder(model, params, tokenizer, max_len=config.model.text.max_len,
+  encoder = EmbeddingEncoder(model, params, tokenizer, max_len=config.model.text.max_len,
                     batch_size=int(ecfg.get("batch_size", 256)) if ecfg is not None else 256)
   out = {"zeroshot": {}, "retrieval": {}}
   cache = arrays_cache if arrays_cache is not None else {}

@@ -108,10 +108,6 @@ def data_parallel_size(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
-# The name this function had before; `fszjax.aot` still calls it (its owner renames the calls).
-batch_size_per_shard = data_parallel_size
-
-
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   """Sharding of an array whose leading dimension is the global batch."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

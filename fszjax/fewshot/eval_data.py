@@ -101,7 +101,7 @@ def eval_splits(fcfg, data_cfg) -> list:
 
 
 def image_feats(encoder, images) -> np.ndarray:
-  """L2-normalised float32 image embeddings of an `evaluate.Encoder`."""
+  """L2-normalised float32 image embeddings of an `evaluate.EmbeddingEncoder`."""
   return evaluate.l2_normalize(encoder.images(images)).astype(np.float32)
 
 

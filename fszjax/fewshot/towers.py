@@ -36,7 +36,7 @@ def run_towers(config, workdir) -> dict:
   pre, base_dir, model, params = load_towers(config)
   data_cfg = eval_data_config(pre.data, config.get("data", None) or {})
   tokenizer = inference.model_tokenizer(pre, base_dir)  # the model's own, never the data's
-  encoder = evaluate.Encoder(model, params, tokenizer, max_len=pre.model.text.max_len)
+  encoder = evaluate.EmbeddingEncoder(model, params, tokenizer, max_len=pre.model.text.max_len)
   splits = eval_splits(fcfg, data_cfg)
   log.info("evaluating %s (%s) on %s splits %s", base_dir, type(tokenizer).__name__,
            data_cfg.name, ", ".join(splits))
@@ -191,7 +191,7 @@ def meta_towers(config, workdir, model_cfg, model, params, encoder, train: Split
                            {"backbone": params["img"]},
                            lambda step: tasks_of(sampler.sample(step, int(m.meta_batch)), train.text))
   train_s = time.perf_counter() - t0
-  enc = evaluate.Encoder(model, {**params, "img": meta_params["backbone"]}, encoder.tokenizer,
+  enc = evaluate.EmbeddingEncoder(model, {**params, "img": meta_params["backbone"]}, encoder.tokenizer,
                          max_len=encoder.max_len)
   meta_data = {sp: dataclasses.replace(d, feats=image_feats(enc, d.images))
                for sp, d in data.items()}
