@@ -122,8 +122,8 @@ def make_loss_and_grads(model: TwoTower, config, mesh: Mesh | None):
 
 
 def make_train_step(model: TwoTower, tx, schedule, config, mesh: Mesh | None, rules=None,
-                    jit: bool = True, state_shardings=None):
-  """Returns ``step(state, batch) -> (state, metrics)``; jitted with donated state if `jit`.
+                    state_shardings=None):
+  """Returns ``step(state, batch) -> (state, metrics)``, jitted with the state donated.
 
   Under a mesh the gradients are constrained to the parameters' shardings (so that with
   FSDP each device keeps only its shard of the reduced gradient, and the optimizer,
@@ -163,8 +163,6 @@ def make_train_step(model: TwoTower, tx, schedule, config, mesh: Mesh | None, ru
                                   jax.random.wrap_key_data(state.rng), state.step)))
     return new_state, metrics
 
-  if not jit:
-    return step
   batch_sh = None
   if mesh is not None:
     batch_sh = {"image": sharding.batch_sharding(mesh, 4), "tokens": sharding.batch_sharding(mesh, 2)}
