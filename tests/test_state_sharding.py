@@ -97,15 +97,21 @@ def _count(hlo, op):
   return len(re.findall(rf"\s{op}(?:-start)?\(", hlo))
 
 
-def test_train_step_keeps_state_sharded_under_fsdp8():
-  """The compiled step takes and returns the sharded state (no replicated Adam moments);
-  its argument bytes per device are about 1/8 of the state plus the batch."""
+def _fsdp8_state_and_step():
+  """The tiny config on a fsdp=8 mesh: (config, mesh, sharded initial state, jitted step)."""
   cfg = tiny_config("--config.mesh.data=1", "--config.mesh.fsdp=8")
   mesh = mesh_of((1, 8, 1))
   rules = sharding.rules_from_config(cfg)
   state, model, tx, sched = pretrain.create_train_state(cfg, mesh, rules)
   step = pretrain.make_train_step(model, tx, sched, cfg, mesh, rules,
                                   state_shardings=sharding.shardings_of(state))
+  return cfg, mesh, state, step
+
+
+def test_train_step_keeps_state_sharded_under_fsdp8():
+  """The compiled step takes and returns the sharded state (no replicated Adam moments);
+  its argument bytes per device are about 1/8 of the state plus the batch."""
+  cfg, mesh, state, step = _fsdp8_state_and_step()
   batch = sharding.host_to_global(random_batch(cfg), mesh)
   with jax.set_mesh(mesh):
     compiled = step.jitted.lower(state, batch).compile()
@@ -137,12 +143,7 @@ def test_train_step_keeps_state_sharded_under_fsdp8():
 def test_checkpoint_with_replicated_opt_state_restores_onto_sharded_layout(tmp_path):
   """Checkpoints written before the optimizer state was sharded (every mu/nu leaf P())
   restore onto the new abstract target with equal values and the new shardings."""
-  cfg = tiny_config("--config.mesh.data=1", "--config.mesh.fsdp=8")
-  mesh = mesh_of((1, 8, 1))
-  rules = sharding.rules_from_config(cfg)
-  state, model, tx, sched = pretrain.create_train_state(cfg, mesh, rules)
-  step = pretrain.make_train_step(model, tx, sched, cfg, mesh, rules,
-                                  state_shardings=sharding.shardings_of(state))
+  cfg, mesh, state, step = _fsdp8_state_and_step()
   state, _ = step(state, sharding.host_to_global(random_batch(cfg), mesh))  # non-zero moments
   rep = sharding.replicated(mesh)
   old = state.replace(opt_state=jax.tree.map(lambda x: jax.device_put(x, rep), state.opt_state))
@@ -152,7 +153,7 @@ def test_checkpoint_with_replicated_opt_state_restores_onto_sharded_layout(tmp_p
   ck.save(1, old, force=True)
   ck.wait()
   ck.close()
-  abstract = pretrain.abstract_train_state(cfg, mesh, rules)
+  abstract = pretrain.abstract_train_state(cfg, mesh, sharding.rules_from_config(cfg))
   restored_step, restored = checkpoint.Checkpointer(
       os.path.join(tmp_path, "ck"), read_only=True).restore(abstract)
   assert restored_step == 1
