@@ -17,3 +17,14 @@ _CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1.0")
+
+
+import pytest  # noqa: E402
+
+import data_testlib  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def gdir(tmp_path_factory):
+  """A small Glyphs dataset, built once per test module (tests/data_testlib.py)."""
+  return data_testlib.glyphs_data_dir(tmp_path_factory)

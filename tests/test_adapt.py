@@ -14,11 +14,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def gdir(tmp_path_factory):
-  return data_testlib.glyphs_data_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def pretrained(gdir, tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("pre"))
   cfg = config_lib.load_config(os.path.join(ROOT, "configs/glyphs.py"), [

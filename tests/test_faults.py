@@ -34,11 +34,6 @@ RUN = ["--config.total_steps=8", "--config.checkpoint.save_every=4",
 
 
 @pytest.fixture(scope="module")
-def gdir(tmp_path_factory):
-  return data_testlib.glyphs_data_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def done_run(gdir, tmp_path_factory):
   """An uninterrupted 8-step run (checkpoints 4 and 8): the reference and the material."""
   wd = str(tmp_path_factory.mktemp("faults") / "ref")

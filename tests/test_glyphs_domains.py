@@ -135,11 +135,6 @@ def test_held_out_pattern_matching_no_font_is_a_user_error():
   assert is_user_error(e.value) and "\n" not in str(e.value)
 
 
-@pytest.fixture(scope="module")
-def gdir(tmp_path_factory):
-  return data_testlib.glyphs_data_dir(tmp_path_factory)
-
-
 def test_existing_model_evaluated_on_a_held_out_font_directory(gdir, new_fonts, tmp_path):
   """Prepare a build with a held-out font directory (CLI), then `fszjax adapt` a model
   pretrained on the default build on it: the new fonts are test domains of the results."""

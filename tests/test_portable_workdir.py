@@ -23,11 +23,6 @@ ADAPT_SMALL = [
 
 
 @pytest.fixture(scope="module")
-def gdir(tmp_path_factory):
-  return data_testlib.glyphs_data_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def moved(gdir, tmp_path_factory):
   """A run trained with relative paths from directory A on its own copy of the data, then
   copied to B, the original run and the data deleted; tests run from directory C."""
