@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.model.image.update(dict(
       variant="B/16", width=0, depth=0, mlp_dim=0, num_heads=0, patch_size=16,
       image_size=224, channels=3, proj_bias=True, act="gelu_tanh"))
-  del c.model.image.stem  # the plain patch embedding
+  c.model.image.stem = ()  # the plain patch embedding
   c.model.text.update(dict(
       variant="B", width=0, depth=0, mlp_dim=0, num_heads=0, vocab_size=32_000, max_len=64,
       pool="last", causal=False, proj_bias=True, act="gelu_tanh"))

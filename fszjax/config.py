@@ -28,6 +28,9 @@ OVERRIDE_PREFIX = "--config."
 # Values of ``config.loss`` (the contrastive losses of `fszjax.losses`).
 LOSSES = ("clip", "siglip")
 
+# Values of ``config.fewshot.backbone`` (`fszjax adapt`).
+BACKBONES = ("towers", "conv4")
+
 
 class ConfigError(UserError):
   """A config file or override is wrong; the message names the fix."""
@@ -127,7 +130,9 @@ def _parse_value(raw: str, current):
     return raw
 
 
-def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
+def _parent(cfg: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+  """``(group, leaf name)`` of dotted `key` in `cfg`; an unknown key is a one-line error
+  naming the closest keys."""
   parts = key.split(".")
   node = cfg
   for i, part in enumerate(parts):
@@ -141,7 +146,19 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
       node = node[part]
       if not isinstance(node, ml_collections.ConfigDict):
         raise ConfigError(f"config.{'.'.join(parts[:i + 1])} is not a group of keys")
-  leaf = parts[-1]
+  return node, parts[-1]
+
+
+def set_value(cfg: ml_collections.ConfigDict, key: str, value) -> None:
+  """Sets existing dotted `key` of `cfg` to a Python value (an override from code)."""
+  node, leaf = _parent(cfg, key)
+  with node.ignore_type():
+    node[leaf] = value
+
+
+def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
+  """Sets existing dotted `key` of `cfg` from command-line text, parsed as its type."""
+  node, leaf = _parent(cfg, key)
   current = node[leaf]
   if isinstance(current, ml_collections.ConfigDict):
     try:
@@ -159,7 +176,9 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
 
 
 def load_config(spec: str, overrides: Iterable[str | tuple[str, str]] = ()) -> ml_collections.ConfigDict:
-  """Loads a config file (or a saved ``config.json``) and applies overrides."""
+  """Loads a config file (or a saved ``config.json``) and applies overrides. A config file's
+  keys are checked against `fszjax.config_defaults` (`check_keys`); the keys a config lacks
+  (a config.json written before they existed) are filled from there (`fill_defaults`)."""
   if spec.endswith(".json"):
     if not os.path.exists(spec):
       raise ConfigError(f"config {spec!r} not found")
@@ -169,6 +188,15 @@ def load_config(spec: str, overrides: Iterable[str | tuple[str, str]] = ()) -> m
   else:
     cfg = load_config_file(spec)
     check_keys(cfg, spec.partition(":")[0])
+  fill_defaults(cfg)
+  apply_overrides(cfg, overrides)
+  validate(cfg)
+  return cfg
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict,
+                    overrides: Iterable[str | tuple[str, str]]) -> None:
+  """Applies ``--config.a.b=v`` strings or ``(key, raw value)`` pairs, in order."""
   pairs = []
   for o in overrides:
     if isinstance(o, str):
@@ -178,54 +206,93 @@ def load_config(spec: str, overrides: Iterable[str | tuple[str, str]] = ()) -> m
       pairs.append(o)
   for k, v in pairs:
     apply_override(cfg, k, v)
-  validate(cfg)
-  return cfg
 
 
-# Sections of a pretraining config whose keys the base does not fix: the data section
-# (every key in fszjax/data/defaults.py, checked by the data pipeline).
+# Sections of a config whose keys the base does not fix: the data section (every key in
+# fszjax/data/defaults.py, checked by the data pipeline; an adapt config's data section
+# holds only the dataset keys it overrides).
 FREE_FORM = ("data",)
 
 
+def defaults_for(cfg) -> tuple[ml_collections.ConfigDict | None, str]:
+  """``(defaults, their name)`` of a config: `fszjax.config_defaults.pretrain_config` for a
+  pretraining config (one with a ``model`` section), `adapt_config` for an adaptation config
+  (a ``fewshot`` section), ``(None, "")`` for anything else."""
+  if "model" in cfg:
+    return config_defaults.pretrain_config(ml_collections.ConfigDict()), "pretrain_config"
+  if "fewshot" in cfg:
+    return config_defaults.adapt_config(ml_collections.ConfigDict()), "adapt_config"
+  return None, ""
+
+
 def check_keys(cfg, path: str) -> None:
-  """A pretraining config file (one with a `model` section) may only hold the keys of
-  `fszjax.config_defaults.pretrain_config` (the `FREE_FORM` sections aside); an unknown key
-  is a one-line error naming the closest valid key."""
-  if "model" not in cfg:
+  """A config file may only hold the keys of its defaults (`defaults_for`; the `FREE_FORM`
+  sections aside); an unknown key is a one-line error naming the closest valid key."""
+  defaults, name = defaults_for(cfg)
+  if defaults is None:
     return
-  known = _flat_keys(config_defaults.pretrain_config(ml_collections.ConfigDict()))
+  known = _flat_keys(defaults)
   for key in _flat_keys(cfg):
     if key in known or key.split(".")[0] in FREE_FORM:
       continue
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
     hint = f"; did you mean config.{close[0]}?" if close else ""
     raise ConfigError(f"{path}: unknown config key config.{key}{hint} "
-                      "(every key is in fszjax/config_defaults.py)")
+                      f"(every key is in fszjax/config_defaults.py, {name})")
+
+
+def fill_defaults(cfg) -> None:
+  """Adds, in place, every key of its defaults (`defaults_for`) that `cfg` lacks (the
+  `FREE_FORM` sections aside): a saved config.json written before the key existed, or a
+  converted model's config. A key listed in `config_defaults.SAVED_WITHOUT` gets the value
+  its absence meant, any other its default; code then reads every key as an attribute."""
+  defaults, _ = defaults_for(cfg)
+  if defaults is not None:
+    _fill(cfg, defaults, "")
+
+
+def _fill(node, defaults, prefix: str) -> None:
+  for k, v in defaults.items():
+    key = prefix + k
+    if key in FREE_FORM:
+      continue
+    if isinstance(v, ml_collections.ConfigDict):
+      if k not in node:
+        node[k] = ml_collections.ConfigDict()
+      if isinstance(node[k], ml_collections.ConfigDict):
+        _fill(node[k], v, key + ".")
+    elif k not in node:
+      node[k] = config_defaults.SAVED_WITHOUT.get(key, v)
 
 
 def validate(cfg) -> None:
   """Cheap structural checks with one-line errors."""
-  if "loss" in cfg and cfg.loss not in LOSSES:
+  if "model" in cfg:
+    _validate_pretrain(cfg)
+  if "fewshot" in cfg and cfg.fewshot.backbone not in BACKBONES:
+    raise ConfigError(f"config.fewshot.backbone={cfg.fewshot.backbone!r}: use one of {BACKBONES}")
+
+
+def _validate_pretrain(cfg) -> None:
+  if cfg.loss not in LOSSES:
     raise ConfigError(f"config.loss={cfg.loss!r}: use one of {LOSSES}")
-  if cfg.get("loss") == "siglip" and "model" in cfg and not cfg.model.get("logit_bias", False):
+  if cfg.loss == "siglip" and not cfg.model.logit_bias:
     raise ConfigError("config.loss=siglip needs a logit bias: set --config.model.logit_bias=True")
-  if "batch_size" in cfg and cfg.batch_size <= 0:
+  if cfg.batch_size <= 0:
     raise ConfigError(f"config.batch_size={cfg.batch_size} must be positive")
-  if "data" in cfg and "model" in cfg:
-    d, m = cfg.data, cfg.model
-    for model_key, data_key in (("image.image_size", "image_size"), ("image.channels", "channels")):
-      mv = m.image.get(model_key.split(".")[1], None)
-      dv = d.get(data_key, None)
-      if mv and dv and mv != dv:
-        raise ConfigError(f"config.model.{model_key}={mv} but config.data.{data_key}={dv}; "
-                          "set both to the same value")
-    if d.get("max_text_len", 0) and d.max_text_len > m.text.max_len:
-      raise ConfigError(f"config.data.max_text_len={d.max_text_len} exceeds "
-                        f"config.model.text.max_len={m.text.max_len}; raise the latter")
-  accum = cfg.get("grad_accum", 1)
-  if "batch_size" in cfg and accum > 1 and cfg.batch_size % accum:
+  d, m = cfg.data, cfg.model
+  # The data section is free-form (fszjax/data/defaults.py): a key of it may be absent.
+  for key in ("image_size", "channels"):
+    mv, dv = m.image[key], d.get(key, None)
+    if mv and dv and mv != dv:
+      raise ConfigError(f"config.model.image.{key}={mv} but config.data.{key}={dv}; "
+                        "set both to the same value")
+  if d.get("max_text_len", 0) and d.max_text_len > m.text.max_len:
+    raise ConfigError(f"config.data.max_text_len={d.max_text_len} exceeds "
+                      f"config.model.text.max_len={m.text.max_len}; raise the latter")
+  if cfg.grad_accum > 1 and cfg.batch_size % cfg.grad_accum:
     raise ConfigError(f"config.batch_size={cfg.batch_size} is not divisible by "
-                      f"config.grad_accum={accum}")
+                      f"config.grad_accum={cfg.grad_accum}")
 
 
 # Config keys holding file-system paths. In a saved config.json a path inside the

@@ -1,12 +1,15 @@
-"""The one source of config defaults: every key of a pretraining config, with its meaning.
+"""The one source of config defaults: every key of a pretraining and an adaptation config,
+with its meaning.
 
-`pretrain_config(data)` is the base that every config in `configs/` starts from; a config
-file changes only what differs (``configs/siglip_b16.py`` sets the B/16 shapes, batch and
-mesh; ``configs/clip_b16.py`` starts from ``siglip_b16`` in turn). The values here are
-those of the embedded default, ``configs/glyphs.py`` (a tiny model sized for 2 CPU cores).
-`fszjax.config` validates every loaded pretraining config against these keys. The data
-section comes from `fszjax.data.defaults` (passed in, so this module needs nothing above
-the base layer).
+`pretrain_config(data)` is the base that every pretraining config in `configs/` starts
+from; a config file changes only what differs (``configs/siglip_b16.py`` sets the B/16
+shapes, batch and mesh; ``configs/clip_b16.py`` starts from ``siglip_b16`` in turn). The
+values here are those of the embedded default, ``configs/glyphs.py`` (a tiny model sized
+for 2 CPU cores). `adapt_config(data)` is the same for `fszjax adapt` and `fszjax bench
+adapt` (``configs/glyphs_fewshot.py``, ``configs/glyphs_maml_conv4.py``).
+`fszjax.config` validates every loaded config against these keys and fills the keys a
+saved config.json lacks (`SAVED_WITHOUT`). The data section comes from
+`fszjax.data.defaults` (passed in, so this module needs nothing above the base layer).
 """
 
 from __future__ import annotations
@@ -83,8 +86,8 @@ def pretrain_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   # ---- logging, evaluation, checkpoints.
   c.log_every = 20
   c.eval_every = 100  # zero-shot evaluation (5 points on the curve; ~8 s each on 2 cores)
-  c.eval = ml_collections.ConfigDict(dict(
-      splits=("test_classes", "test_fonts"), max_examples=0, batch_size=256))  # 0 = all
+  c.eval = ml_collections.ConfigDict(dict(  # splits () = data.eval_splits; max_examples 0 = all
+      splits=("test_classes", "test_fonts"), max_examples=0, batch_size=256))
   c.checkpoint = ml_collections.ConfigDict(dict(
       save_every=250, keep=2, best_metric="zeroshot/test_classes/top1", best_mode="max",
       async_save=True,
@@ -97,4 +100,140 @@ def pretrain_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   # paths ("" = all), e.g. init_keys="^img/" for the image tower.
   c.init_from = ""
   c.init_keys = ""
+  # How `fszjax.load(...).preprocess` prepares raw images (not read by training or
+  # evaluation, whose data pipeline resizes its own way); `fszjax convert` sets the
+  # source's. resize_mode: center (fszjax's pipeline) | shortest (open_clip) | squash
+  # (big_vision); interpolation: bilinear | bicubic | nearest | lanczos.
+  c.inference = ml_collections.ConfigDict(dict(
+      resize_mode="center", interpolation="bilinear",
+      source="fszjax",  # who made the weights: fszjax | open_clip | big_vision
+      model=""))  # the open_clip model name of a converted open_clip model
   return c
+
+
+def _meta_section() -> ml_collections.ConfigDict:
+  """``fewshot.meta`` of `adapt_config`: meta-training. Towers: of the image tower from
+  the zero-shot head (ANIL: the head adapts with head_steps x head_lr SGD in the inner loop,
+  the tower learns in the outer loop), evaluated as method 'anil' (and 'anil_zeroshot') on
+  the re-encoded splits. Conv-4: the whole network from scratch (any algorithm of
+  `fszjax.fewshot.meta`)."""
+  m = ml_collections.ConfigDict()
+  m.enabled = True  # towers: meta-train the image tower (Conv-4 always meta-trains)
+  # maml | fomaml | reptile | anil | metasgd | protonet (towers: anil, maml, fomaml)
+  m.algorithm = "anil"
+  m.adapt = "head"  # what the inner loop adapts: head | all (towers: head only)
+  m.train_setting = "5way5shot"  # the "NwayKshot" tasks meta-trained on
+  m.q_query = 5  # query examples per class of a meta-training task
+  m.meta_batch = 4  # tasks per outer step
+  m.steps = 100  # outer steps
+  m.outer_lr = 3e-4  # Adam (SGD for Reptile) step size of the outer loop
+  m.outer_schedule = "constant"  # constant | cosine (linear warmup, then decay to 0 at steps)
+  m.warmup_steps = 0  # outer_schedule=cosine: warmup length
+  m.first_order = False  # drop second-order terms of the meta-gradient
+  m.remat = False  # jax.checkpoint each inner step (memory bounded in the inner steps)
+  m.task_chunk = 0  # tasks vmapped together on a device (0: all); CPU: 4 is fastest
+  m.devices = 0  # local devices sharing the meta-batch and evaluation (0: all; 1: none)
+  # Conv-4 only (towers: the inner loop is head_steps x head_lr from the zero-shot head).
+  m.inner_steps = 5  # inner SGD steps on the support set
+  m.inner_lr = 0.4  # their step size (Meta-SGD: the initial learned step sizes)
+  m.eval_inner_steps = 0  # inner steps at evaluation (0: inner_steps)
+  m.eval_inner_lr = 0.0  # inner step size at evaluation (0: inner_lr)
+  m.head_init = "zeros"  # zeros (any N-way at evaluation) | learned | prototype
+  m.hidden = 64  # channels of each conv block
+  m.layers = 4  # conv blocks
+  m.norm = "batch"  # batch (per-task batch norm, no running stats) | none (bias)
+  m.pool = "mean"  # features: mean over the final map | flatten (keeps where)
+  m.formulation = "im2col"  # the 3x3 stride-2 convolution: im2col | patches | s2d | conv
+  m.compute_dtype = "float32"  # matmul operands: float32 | bfloat16 (f32 accumulation)
+  m.rotations = [0]  # class augmentation: [0, 90, 180, 270] makes 4 classes of each
+  return m
+
+
+def _transfer_section() -> ml_collections.ConfigDict:
+  """``fewshot.transfer`` of `adapt_config`."""
+  # Towers: adaptation with both towers on the frozen features (fszjax/fewshot/transfer.py):
+  # proto_zs_adapt (head from zero-shot text embeddings + support prototypes, Proto-MAML
+  # style, then SGD) and tip_adapter (training-free support cache + zero-shot logits).
+  # Their hyper-parameters are chosen per setting on `val_split` (val queries, train
+  # supports from other fonts), never on test splits, from the grids below.
+  return ml_collections.ConfigDict(dict(
+      enabled=True,
+      # The zero-shot share of each task scaled by the zero-shot classifier's
+      # (chance-corrected) accuracy on that task's own support set, so unseen scripts
+      # (where naming fails) fall back to the support set.
+      gate=True,
+      val_split="val", val_episodes=300,  # selection split and its episodes per setting
+      proto_weights=[0.25, 0.5, 0.75, 1.0], steps=[0, 10, 30], lrs=[2.0, 8.0],  # proto_zs_adapt
+      alphas=[0.25, 0.5, 1.0, 2.0], betas=[1.0, 3.0, 5.5, 10.0]))  # tip_adapter
+
+
+def _dg_section() -> ml_collections.ConfigDict:
+  """``fewshot.dg`` of `adapt_config`."""
+  # Towers: domain generalisation on held-out fonts. A linear feature adaptor (identity at
+  # start) fine-tuned on the train split's fonts, by ERM and by MLDG (meta-train /
+  # meta-test font split: alpha inner step, beta meta-test weight), then WiSE-FT of ERM's
+  # adaptor with the identity at each of wise_alphas; evaluated zero-shot and few-shot
+  # (`settings`) on `splits`.
+  return ml_collections.ConfigDict(dict(
+      enabled=True, splits=["test_fonts", "test_both"], settings=["5way1shot", "5way5shot"],
+      steps=300, batch_size=256, lr=1e-3, mldg_alpha=0.1, mldg_beta=1.0,
+      mldg_first_order=False, wise_alphas=[0.25, 0.5, 0.75]))
+
+
+def adapt_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Every key `fszjax adapt` and `fszjax bench adapt` read, at the values of
+  configs/glyphs_fewshot.py (the pretrained towers of the embedded default); the Conv-4 keys
+  (``fewshot.backbone='conv4'``, configs/glyphs_maml_conv4.py) at neutral values. `data` is
+  the data section: dataset overrides over the model's own for the towers
+  (`fszjax.data.defaults.data_overrides`), a whole data config for Conv-4."""
+  c = ml_collections.ConfigDict()
+  c.name = "glyphs_fewshot"
+  c.seed = 0  # episode sampling, meta-training batches and initialisation
+  # The pretrained towers: a pretraining workdir, one checkpoint, or a `fszjax convert`
+  # directory (its config gives the model and, by default, the data). Towers only.
+  c.init_from = ""
+  c.data = data
+  c.log_every = 25  # meta-training steps between log lines / metrics.jsonl rows
+  # Meta-training checkpoints (W/checkpoints, W/meta_checkpoints): every save_every steps,
+  # the last `keep`; a failed save: "stop" (exit 2, one line) or "retry" at the next save.
+  c.checkpoint = ml_collections.ConfigDict(dict(save_every=50, keep=2, on_save_error="stop"))
+
+  f = c.fewshot = ml_collections.ConfigDict()
+  f.backbone = "towers"  # towers (pretrained two-tower model) | conv4 (trained from scratch)
+  f.splits = []  # evaluation splits; [] = the dataset's test splits (Glyphs: test_classes,
+  #                test_scripts, test_fonts, test_both; else data.eval_splits). Conv-4: listed
+  f.settings = ["5way1shot", "5way5shot", "20way1shot"]  # evaluated "NwayKshot" tasks
+  f.episodes = 600  # episodes per split and setting
+  f.q_query = 5  # query examples per class of an evaluation episode
+  f.episode_batch = 200  # episodes run together (one vmap / jit call)
+  f.max_examples = 0  # examples read per evaluation split; 0 = the whole split
+  f.max_train_examples = 0  # train-split examples for DG and meta-training; 0 = all
+  # Towers: zero-shot head adaptation (zs_head_adapt; also the ANIL inner loop): SGD steps
+  # on the support set and their step size; and the linear probe from zeros.
+  f.head_steps = 10
+  f.head_lr = 0.5
+  f.probe_steps = 100
+  f.probe_lr = 1.0
+  f.image_size = 28  # Conv-4: images resized to this side (the MAML paper's Omniglot)
+  f.eval_chunk = 0  # Conv-4 evaluation: lax.map over groups of this many tasks (0: one vmap)
+
+  f.meta = _meta_section()  # meta-training
+  f.transfer = _transfer_section()  # towers: both towers on frozen features
+  f.dg = _dg_section()  # towers: domain generalisation on held-out fonts
+
+  # `fszjax bench adapt` only (meta-training throughput on synthetic Conv-4 tasks): timed
+  # steps (after the compiling call and `warmup` more), the step strategy (meta_batch: one
+  # jitted meta-step; task_loop: jitted per-task gradients in a Python loop) and the
+  # channels of the synthetic images.
+  c.bench = ml_collections.ConfigDict(dict(steps=10, warmup=1, strategy="meta_batch", channels=1))
+  return c
+
+
+# Keys whose absence from a saved config.json (a workdir or converted directory written
+# before the key existed, or a config that deleted it) means another value than today's
+# default: `fszjax.config` fills a missing key with its value here, any other missing key
+# with its default.
+SAVED_WITHOUT = {
+    "model.image.stem": (),  # the plain patch embedding (converted models, B/16 configs)
+    "eval.splits": (),  # the data section's eval_splits
+}

@@ -137,3 +137,21 @@ def tfds_data_config(name: str, *, image_size: int = 224, text_key: str | None =
   c.prompt_templates = IMAGE_PROMPT_TEMPLATES
   c.tokenizer.vocab_size = 8192
   return c
+
+
+# Keys of ``config.data`` in an adapt config with the pretrained towers: the evaluation
+# dataset. None = the model's own (its pretraining dataset); a new ``name`` starts from that
+# kind of dataset's defaults above. The model's preprocessing (image size, channels, mean /
+# std, text length) and tokenizer always come from the model.
+DATASET_KEYS = ("name", "data_dir", "train_split", "eval_splits", "image_key", "label_key",
+                "text_key", "domain_key", "class_names_file", "image_decoder",
+                "prompt_templates", "num_threads")
+GLYPH_KEYS = ("image_size", "font_dirs", "max_chars")
+
+
+def data_overrides() -> ml_collections.ConfigDict:
+  """The ``data`` section of an adapt config with the pretrained towers: every dataset key
+  (`DATASET_KEYS`) unset (None = the model's own); partial by design."""
+  d = ml_collections.ConfigDict({k: None for k in DATASET_KEYS})
+  d.glyphs = ml_collections.ConfigDict({k: None for k in GLYPH_KEYS})
+  return d

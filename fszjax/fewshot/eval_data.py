@@ -8,23 +8,15 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from fszjax import checkpoint, evaluate, inference
 from fszjax.data import arrays as arrays_lib
 from fszjax.data import defaults, glyphs as glyphs_lib
+from fszjax.data.defaults import DATASET_KEYS, data_overrides
 from fszjax.fewshot.episodes import AdaptError, SplitData, pixel_vectors
 from fszjax.models.two_tower import build_model
 
-# Keys of ``config.data`` in an adapt config: the evaluation dataset. None = the model's
-# own (its pretraining dataset); a new ``name`` starts from that kind of dataset's defaults
-# (`fszjax.data.defaults`). The model's preprocessing (image size, channels, mean / std,
-# text length) and tokenizer always come from the model.
-DATASET_KEYS = ("name", "data_dir", "train_split", "eval_splits", "image_key", "label_key",
-                "text_key", "domain_key", "class_names_file", "image_decoder",
-                "prompt_templates", "num_threads")
-GLYPH_KEYS = ("image_size", "font_dirs", "max_chars")
 GLYPH_TEST_SPLITS = ("test_classes", "test_scripts", "test_fonts", "test_both")
 
 
@@ -51,13 +43,6 @@ def load_towers(config):
   return pre, base_dir, build_model(pre.model), jax.tree.map(jnp.asarray, params)
 
 
-def data_overrides():
-  """The ``data`` section of an adapt config: every dataset key unset (None)."""
-  d = ml_collections.ConfigDict({k: None for k in DATASET_KEYS})
-  d.glyphs = ml_collections.ConfigDict({k: None for k in GLYPH_KEYS})
-  return d
-
-
 def _is_glyphs(name: str) -> bool:
   base = str(name).split(":")[0]
   return base == "glyphs" or base.startswith("glyphs/")
@@ -67,6 +52,8 @@ def eval_data_config(model_data, overrides):
   """The data config `fszjax adapt` evaluates on: the model's data section (preprocessing,
   tokenizer, and by default its dataset) with the adapt config's dataset keys applied."""
   d = model_data.copy_and_resolve_references()
+  # Plain dicts from here: `over` is partial by design (None = the model's), and the model's
+  # data section is free-form (a model's config.json may predate a data key).
   over = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(overrides or {})
   name = over.get("name")
   with d.ignore_type():
@@ -92,7 +79,7 @@ def eval_data_config(model_data, overrides):
 def eval_splits(fcfg, data_cfg) -> list:
   """``fewshot.splits``, or when empty the dataset's test splits: Glyphs' four test splits,
   else ``data.eval_splits``."""
-  splits = list(fcfg.get("splits", None) or ())
+  splits = list(fcfg.splits or ())
   if splits:
     return splits
   if _is_glyphs(data_cfg.name) and not data_cfg.get("mixture", ()):
