@@ -246,7 +246,7 @@ def _compile(jitted, *args) -> tuple[Any, float, str | None]:
 
 def _eval_encoders(config, model: TwoTower, abstract_params, mesh: Mesh, hbm: int) -> dict:
   """Compiles image and text encoding at the evaluation batch, as the evaluator runs them."""
-  bs = int(config.get("eval", {}).get("batch_size", 256) or 256)
+  bs = int(config.eval.batch_size or 256)
   img_shape, tok_shape = pretrain.input_shapes(config, bs)
   rep = NamedSharding(mesh, P())
   out = {"batch_size": bs}
@@ -276,7 +276,7 @@ def compile_report(config, topo: Topology, with_eval: bool = True, dump_hlo: str
   sharding.check_global_batch(config.batch_size, mesh)
   model = build_model(config.model)
   tx, schedule = pretrain.make_optimizer(config.optim, config.total_steps,
-                                         tuple(config.optim.get("freeze", ()) or ()))
+                                         tuple(config.optim.freeze or ()))
   abstract = pretrain.abstract_train_state(config, mesh, rules, model)
   step = pretrain.make_train_step(model, tx, schedule, config, mesh, rules,
                                   state_shardings=sharding.shardings_of(abstract))
@@ -293,14 +293,14 @@ def compile_report(config, topo: Topology, with_eval: bool = True, dump_hlo: str
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
   state_total = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
                     for x in jax.tree.leaves(abstract))
-  accum = int(config.get("grad_accum", 1))
+  accum = int(config.grad_accum)
   model_flops = flops.train_flops_per_step(config.model, config.batch_size)
   report: dict[str, Any] = {
       "topology": topo.name, "accelerator_type": topo.accelerator_type, "chip": chip.name,
       "chips": n, "num_slices": topo.num_slices, "mesh": dict(mesh.shape),
-      "config": config.get("name", ""), "global_batch": int(config.batch_size),
+      "config": config.name, "global_batch": int(config.batch_size),
       "per_chip_batch": int(config.batch_size) // dp, "grad_accum": accum,
-      "remat": config.model.get("remat", "none"), "dtype": config.model.get("dtype", "float32"),
+      "remat": config.model.remat, "dtype": config.model.dtype,
       "params": n_params, "state_bytes": per_chip_bytes(abstract),
       "state_bytes_total": state_total, "hbm_bytes": chip.hbm_bytes,
       "compile_s": round(compile_s, 1),

@@ -120,7 +120,7 @@ def suggest_fixes(config, mesh: Mesh, mem: dict, hbm: int) -> str:
   dp = sharding.data_parallel_size(mesh)
   per_chip = config.batch_size // dp
   fixes = []
-  remat = config.model.get("remat", "none")
+  remat = config.model.remat
   if remat in ("none", "save_everything", "dots"):
     better = "dots_no_batch" if remat == "none" else "full"
     fixes.append(f"--config.model.remat={better} (or full; compile again to measure)")
@@ -130,7 +130,7 @@ def suggest_fixes(config, mesh: Mesh, mem: dict, hbm: int) -> str:
     if 1 <= fit < per_chip:
       fixes.append(f"--config.batch_size={fit * dp} ({fit} examples per chip, about "
                    f"{_gb(args + extra_out + temps * fit / per_chip)})")
-    accum = int(config.get("grad_accum", 1))
+    accum = int(config.grad_accum)
     for k in range(max(accum, 1) * 2, per_chip + 1):
       if per_chip % k == 0 and temps * accum / k <= room:
         fixes.append(f"--config.grad_accum={k} (same batch, about "

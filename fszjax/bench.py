@@ -76,7 +76,7 @@ def bench_pretrain(config, steps: int = 10, peak_tflops: float | None = None,
       "mesh": dict(mesh.shape),
       "global_batch": config.batch_size,
       "loss": config.loss,
-      "dtype": config.model.get("dtype", "float32"),
+      "dtype": config.model.dtype,
   }
 
 

@@ -263,13 +263,13 @@ def run_evaluators(config, model, params, tokenizer=None, splits=None, arrays_ca
   retrieval; a split without labels but with captions (``data.text_key``, e.g.
   ``captions/text``) gets image<->caption retrieval only."""
   dcfg = config.data
-  ecfg = config.get("eval", None)
-  splits = list(splits or (ecfg.splits if ecfg is not None and "splits" in ecfg else dcfg.eval_splits))
-  max_examples = max_examples or (ecfg.get("max_examples", 0) if ecfg is not None else 0) or None
+  ecfg = config.eval
+  splits = list(splits or ecfg.splits or dcfg.eval_splits)
+  max_examples = max_examples or ecfg.max_examples or None
   tokenizer = tokenizer or vocab.get_tokenizer(dcfg)
   templates = list(sources.prompt_templates(dcfg))
   encoder = EmbeddingEncoder(model, params, tokenizer, max_len=config.model.text.max_len,
-                    batch_size=int(ecfg.get("batch_size", 256)) if ecfg is not None else 256)
+                    batch_size=int(ecfg.batch_size))
   out = {"zeroshot": {}, "retrieval": {}}
   cache = arrays_cache if arrays_cache is not None else {}
   for split in splits:

@@ -82,18 +82,18 @@ def forward_flops_parts(mcfg, global_batch: int, depths: tuple[int, int] | None 
     idp, tdp = depths
   patch = patch or 16
   size = icfg.image_size
-  channels = icfg.get("channels", 3)
+  channels = icfg.channels
   n_patch = (size // patch) ** 2
-  t_img = n_patch + (1 if icfg.get("pool", "map") == "tok" else 0)
+  t_img = n_patch + (1 if icfg.pool == "tok" else 0)
   embed = mcfg.embed_dim or 0
   fi = 2 * n_patch * patch * patch * channels * iw
   fi += _encoder_flops(t_img, iw, idp, im)
-  if icfg.get("pool", "map") == "map":
+  if icfg.pool == "map":
     fi += 2 * iw * iw * 2 + 2 * 2 * t_img * iw * iw + 2 * 2 * t_img * iw + 2 * 2 * iw * im
-  if embed and icfg.get("proj", True):
+  if embed and icfg.proj:
     fi += 2 * iw * embed
   ft = _encoder_flops(tcfg.max_len, tw, tdp, tm)
-  if embed and tcfg.get("proj", True):
+  if embed and tcfg.proj:
     ft += 2 * tw * embed
   fl = 2 * global_batch * (embed or iw)  # this example's row of the logits
   return {"image": float(fi), "text": float(ft), "logits": float(fl)}
@@ -118,7 +118,7 @@ def scan_count_ratio(mcfg, global_batch: int, grad_accum: int = 1) -> float:
   to XLA's figures.
   """
   true = forward_flops_parts(mcfg, global_batch)
-  if mcfg.get("scan_layers", False):
+  if mcfg.scan_layers:
     seen = forward_flops_parts(mcfg, global_batch, depths=(
         min(1, tower_dims(mcfg.image)[1]), min(1, tower_dims(mcfg.text)[1])))
   else:

@@ -72,6 +72,7 @@ def load_config(path: str):
         with open(cand) as f:
           cfg = ml_collections.ConfigDict(json.load(f))
         config_lib.resolve_paths(cfg, step_dir)
+        config_lib.fill_defaults(cfg)  # written before some keys existed
         return cfg, step_dir
   raise LoadError(f"no config.json next to {path}; pass the workdir (or the directory "
                   "`fszjax convert` wrote)")
@@ -85,7 +86,7 @@ def model_tokenizer(config, base_dir: str | None):
   falls back to the dataset's tokenizer, which needs the dataset."""
   tcfg = config.data.tokenizer
   where = base_dir or "the model"
-  path = text.resolve_path(tcfg.get("path", None), base_dir)
+  path = text.resolve_path(tcfg.get("path", None), base_dir)  # data section: free-form
   if path and not os.path.exists(path):
     raise LoadError(f"the tokenizer file {path} of {where} is missing; copy the whole workdir "
                     "(with its tokenizer/ folder), or pass fszjax.load(PATH, tokenizer='FILE') / "
@@ -142,18 +143,18 @@ class Model:
     self.precision = precision
     self.module = build_model(config.model)
     self.params = jax.device_put(params)
-    data = config.get("data", None) or {}
+    # The data section is free-form (fszjax/data/defaults.py): its keys may be absent.
+    data = config.data if "data" in config else {}
     img = config.model.image
-    self.image_size = int(img.get("image_size", 0) or data.get("image_size", 224))
-    self.channels = int(img.get("channels", 0) or data.get("channels", 3))
+    self.image_size = int(img.image_size or data.get("image_size", 224))
+    self.channels = int(img.channels or data.get("channels", 3))
     self.mean = np.broadcast_to(np.asarray(data.get("mean", None) or (0.0,), np.float32),
                                 (self.channels,)).copy()
     self.std = np.broadcast_to(np.asarray(data.get("std", None) or (1.0,), np.float32),
                                (self.channels,)).copy()
     self.max_len = int(config.model.text.max_len)
-    inf = config.get("inference", None) or {}
-    self.resize_mode = inf.get("resize_mode", "center")
-    self.interpolation = inf.get("interpolation", "bilinear")
+    self.resize_mode = config.inference.resize_mode
+    self.interpolation = config.inference.interpolation
     self._tokenizer = tokenizer
     module = self.module
     self._img = {n: jax.jit(lambda p, x, n=n: module.apply({"params": p}, x, n,
@@ -169,7 +170,7 @@ class Model:
   def __repr__(self):
     m = self.config.model
     return (f"fszjax.inference.Model(image {self.image_size}px x{self.channels}, text "
-            f"{self.max_len} tokens, embed_dim {m.get('embed_dim')}, tokenizer "
+            f"{self.max_len} tokens, embed_dim {m.embed_dim}, tokenizer "
             f"{type(self._tokenizer).__name__ if self._tokenizer else 'lazy'})")
 
   # -- text
@@ -241,7 +242,7 @@ class Model:
     (``templates`` formatted with the name; default ``config.data.prompt_templates``), or
     of its own list of descriptions."""
     if templates is None:
-      templates = tuple(self.config.data.get("prompt_templates", ("{}",)) or ("{}",))
+      templates = tuple(self.config.data.get("prompt_templates", None) or ("{}",))  # free-form
     return evaluate.zero_shot_classifier(lambda t: self.encode_text(self.tokenize(t)),
                                          classnames, templates)
 
@@ -305,7 +306,7 @@ def load(path: str, *, tokenizer: Any = None, batch_size: int = 64,
                     f"({type(e).__name__}: {first}); pass a fszjax workdir, a directory written "
                     "by `fszjax convert` or a checkpoint step directory") from None
   if isinstance(tokenizer, str):
-    tcfg = config.get("data", {}).get("tokenizer", None)
+    tcfg = config.data.get("tokenizer", None) if "data" in config else None  # free-form
     tcfg = dict(tcfg.to_dict() if hasattr(tcfg, "to_dict") else (tcfg or {}), path=tokenizer)
     if tokenizer.endswith(".gz") or tokenizer.endswith(".txt"):
       tcfg["kind"] = "clip_bpe"

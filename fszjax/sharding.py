@@ -16,33 +16,18 @@ from flax import linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from optax.transforms import MaskedNode
 
+from fszjax import config_defaults
 from fszjax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # Axes the global batch is split over (data parallelism in both its flavours).
 BATCH_AXES = ("data", "fsdp")
 
-# Default logical-to-mesh rules. Parameters are sharded over `fsdp` along their
-# embedding dimension (ZeRO-3 style) and over `tensor` along heads / MLP hidden /
-# vocabulary (Megatron style). Activations use the `act_*` names.
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("vocab", None),
-    ("layers", None),
-    ("norm", None),
-    ("seq", None),
-    ("patch", None),
-    ("proj", None),
-    ("act_seq", None),
-    ("act_embed", None),
-    ("act_mlp", "tensor"),
-    ("act_heads", "tensor"),
-    ("act_kv", None),
-)
+# Default logical-to-mesh rules (`fszjax.config_defaults.SHARDING_RULES`, defined there
+# once). Parameters are sharded over `fsdp` along their embedding dimension (ZeRO-3 style)
+# and over `tensor` along heads / MLP hidden / vocabulary (Megatron style). Activations use
+# the `act_*` names.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = config_defaults.SHARDING_RULES
 
 
 class ShardingError(UserError):
@@ -92,7 +77,7 @@ def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
 
 def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
   """The config's `sharding_rules` (list of [logical, mesh axis or list or None]) as a tuple."""
-  rules = config.get("sharding_rules", None) if hasattr(config, "get") else None
+  rules = config.sharding_rules
   if not rules:
     return DEFAULT_RULES
   out = []

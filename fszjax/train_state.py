@@ -54,10 +54,10 @@ def frozen_labels(params, patterns) -> Any:
 
 
 def make_schedule(ocfg, total_steps: int) -> optax.Schedule:
-  warmup = int(ocfg.get("warmup_steps", 0))
+  warmup = int(ocfg.warmup_steps)
   lr = float(ocfg.lr)
-  kind = ocfg.get("schedule", "cosine")
-  end = lr * float(ocfg.get("min_lr_ratio", 0.0))
+  kind = ocfg.schedule
+  end = lr * float(ocfg.min_lr_ratio)
   if kind == "cosine":
     return optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup_steps=max(warmup, 0), decay_steps=max(total_steps, warmup + 1),
@@ -76,12 +76,11 @@ def make_optimizer(ocfg, total_steps: int, freeze: tuple[str, ...] = ()):
   """
   schedule = make_schedule(ocfg, total_steps)
   parts = []
-  if ocfg.get("clip_norm", 0):
+  if ocfg.clip_norm:
     parts.append(optax.clip_by_global_norm(float(ocfg.clip_norm)))
   parts.append(optax.adamw(
-      schedule, b1=float(ocfg.get("b1", 0.9)), b2=float(ocfg.get("b2", 0.999)),
-      eps=float(ocfg.get("eps", 1e-8)), weight_decay=float(ocfg.get("wd", 0.0)),
-      mask=decay_mask))
+      schedule, b1=float(ocfg.b1), b2=float(ocfg.b2), eps=float(ocfg.eps),
+      weight_decay=float(ocfg.wd), mask=decay_mask))
   tx = optax.chain(*parts)
   if freeze:
     tx = optax.multi_transform(
@@ -94,16 +93,17 @@ def make_optimizer(ocfg, total_steps: int, freeze: tuple[str, ...] = ()):
 
 
 def input_shapes(config, batch: int = 1):
-  d = config.data if "data" in config else None
-  size = config.model.image.get("image_size", 0) or (d.image_size if d is not None else 224)
-  channels = config.model.image.get("channels", 0) or (d.get("channels", 3) if d is not None else 3)
+  # model.image.image_size / channels 0: the data section's (free-form: may lack them).
+  d = config.data if "data" in config else {}
+  size = config.model.image.image_size or d.get("image_size", 224)
+  channels = config.model.image.channels or d.get("channels", 3)
   return (batch, size, size, channels), (batch, config.model.text.max_len)
 
 
 def _state_parts(config, model: TwoTower | None = None):
   model = model or build_model(config.model)
   tx, schedule = make_optimizer(config.optim, config.total_steps,
-                                tuple(config.optim.get("freeze", ()) or ()))
+                                tuple(config.optim.freeze or ()))
   img_shape, tok_shape = input_shapes(config)
 
   def init_boxed(rng_data):

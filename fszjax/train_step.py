@@ -73,8 +73,8 @@ def make_loss_and_grads(model: TwoTower, config, mesh: Mesh | None):
   the mesh and the logical-axis rules). With ``config.grad_accum = k > 1`` the gradient
   cache scheme described at the top of this module is used."""
   kind = config.loss
-  chunked = bool(config.get("loss_chunked", True)) and mesh is not None
-  accum = int(config.get("grad_accum", 1))
+  chunked = bool(config.loss_chunked) and mesh is not None
+  accum = int(config.grad_accum)
 
   def loss_of(zi, zt, t, b):
     return losses.contrastive_loss(kind, zi, zt, t, b, mesh=mesh, chunked=chunked)

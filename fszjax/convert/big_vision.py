@@ -149,7 +149,7 @@ def infer_model_config(flat: Flat, *, image_size: int | None = None, text_pool: 
       variant="B", width=width, depth=idepth, mlp_dim=imlp, num_heads=iheads, patch_size=patch,
       image_size=image_size, channels=channels, pool=pool, posemb=posemb, ln_pre=False,
       final_ln_after_pool=False, patch_bias="img/embedding/bias" in flat, proj=img_e is not None,
-      proj_bias="img/head/bias" in flat, act=act, ln_eps=ln_eps))
+      proj_bias="img/head/bias" in flat, act=act, ln_eps=ln_eps, stem=()))
   m.text = ml_collections.ConfigDict(dict(
       variant="B", width=twidth, depth=tdepth, mlp_dim=tmlp, num_heads=theads, vocab_size=vocab,
       max_len=max_len, pool=text_pool, causal=False, proj=txt_e is not None,

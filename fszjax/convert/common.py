@@ -282,7 +282,7 @@ def expected_param_shapes(config) -> dict[str, tuple[tuple[int, ...], Any]]:
 def fit_to_model(flat: Flat, config, source: str) -> Flat:
   """Casts converted params to the model's dtypes and checks every path and shape (scanned
   layouts are stacked when ``config.model.scan_layers``)."""
-  if config.model.get("scan_layers", False):
+  if config.model.scan_layers:
     flat = stack_blocks(flat)
   expected = expected_param_shapes(config)
   for k, (shape, _) in expected.items():
@@ -329,11 +329,12 @@ def converted_data_config(image_size: int, mean, std, max_len: int, tokenizer: d
   return d
 
 
-def inference_section(resize_mode: str, interpolation: str, source: str, **extra):
-  """How `fszjax.load(...).preprocess` prepares raw images (not read by training/eval)."""
+def inference_section(resize_mode: str, interpolation: str, source: str, model: str = ""):
+  """How `fszjax.load(...).preprocess` prepares raw images (not read by training/eval; the
+  keys of ``config.inference`` in fszjax/config_defaults.py)."""
 
   return ml_collections.ConfigDict(dict(resize_mode=resize_mode, interpolation=interpolation,
-                                        source=source, **extra))
+                                        source=source, model=model))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -383,7 +384,7 @@ def save_converted(out_dir: str, config, flat_params: Flat,
     params = unflatten({k: jax.device_put(np.asarray(v, targets[k].dtype), targets[k].sharding)
                         for k, v in flat_params.items()})
     tx, _ = pretrain.make_optimizer(config.optim, config.total_steps,
-                                    tuple(config.optim.get("freeze", ()) or ()))
+                                    tuple(config.optim.freeze or ()))
     opt_state = jax.jit(tx.init, out_shardings=sharding.shardings_of(abstract.opt_state))(params)
     rng = jax.device_put(np.asarray(jax.random.key_data(jax.random.key(int(config.seed)))),
                          abstract.rng.sharding)

@@ -179,7 +179,7 @@ def fszjax_model_config(oc_cfg: Mapping, name: str = "custom"):
       num_heads=heads, patch_size=int(v["patch_size"]), image_size=int(v["image_size"]),
       channels=3, pool="tok", posemb="learn", ln_pre=not v["no_ln_pre"],
       final_ln_after_pool=bool(v["final_ln_after_pool"]), patch_bias=False, proj=True,
-      proj_bias=False, act=_act(oc_cfg, v), ln_eps=_eps(v)))
+      proj_bias=False, act=_act(oc_cfg, v), ln_eps=_eps(v), stem=()))
   tw = int(t["width"])
   m.text = ml_collections.ConfigDict(dict(
       variant="B", width=tw, depth=int(t["layers"]), mlp_dim=int(tw * float(t["mlp_ratio"])),
@@ -195,7 +195,7 @@ def open_clip_model_config(model_cfg) -> dict:
   configs only; the error names the first option open_clip's ViT cannot express)."""
 
   img, txt = build_image_tower(model_cfg), build_text_tower(model_cfg)
-  channels = model_cfg.image.get("channels", 3)
+  channels = model_cfg.image.channels
   problems = [
       (img.pool != "tok", f"image.pool={img.pool!r} (open_clip's ViT pools the class token)"),
       (img.posemb != "learn", f"image.posemb={img.posemb!r} (use 'learn')"),
@@ -216,7 +216,7 @@ def open_clip_model_config(model_cfg) -> dict:
     r = mlp / width
     return r if int(width * r) == mlp else (mlp + 0.5) / width
 
-  vision = dict(image_size=int(model_cfg.image.get("image_size", 0) or 224), layers=img.depth,
+  vision = dict(image_size=int(model_cfg.image.image_size or 224), layers=img.depth,
                 width=img.width, head_width=img.width // img.num_heads,
                 mlp_ratio=ratio(img.mlp_dim, img.width), patch_size=img.patch_size)
   if not img.ln_pre:
@@ -243,8 +243,8 @@ def open_clip_model_config(model_cfg) -> dict:
   out = dict(embed_dim=int(model_cfg.embed_dim), vision_cfg=vision, text_cfg=text)
   if img.act == "quick_gelu":
     out["quick_gelu"] = True
-  if model_cfg.get("logit_bias", False):
-    out["init_logit_bias"] = float(model_cfg.get("logit_bias_init", -10.0))
+  if model_cfg.logit_bias:
+    out["init_logit_bias"] = float(model_cfg.logit_bias_init)
   if txt.embed_dim is not None and txt.embed_dim != img.embed_dim:
     raise ConvertError("cannot export to open_clip: the towers' embedding sizes differ")
   return out
@@ -329,12 +329,14 @@ def export_workdir(workdir: str, out: str, *, overwrite: bool = False) -> dict[s
     if os.path.exists(path) and not overwrite:
       raise ConvertError(f"{path} already exists; pass another --out or --overwrite")
   os.makedirs(os.path.dirname(out), exist_ok=True)
-  inf = cfg.get("inference", {}) or {}
-  preprocess = dict(size=int(cfg.model.image.get("image_size", 0) or cfg.data.image_size),
+  # The data section is free-form (a converted or old config may lack mean / std). fszjax's
+  # own "center" resize is closest to open_clip's "shortest" (resize, then centre crop).
+  inf = cfg.inference
+  preprocess = dict(size=int(cfg.model.image.image_size or cfg.data.image_size),
                     mean=list(cfg.data.get("mean", OPENAI_MEAN)),
                     std=list(cfg.data.get("std", OPENAI_STD)),
-                    interpolation=inf.get("interpolation", "bilinear"),
-                    resize_mode=inf.get("resize_mode", "shortest"))
+                    interpolation=inf.interpolation,
+                    resize_mode="shortest" if inf.resize_mode == "center" else inf.resize_mode)
   meta = {"format": "pt", "producer": "fszjax"}
   tmp = out + ".tmp"
   save_file(sd, tmp, metadata=meta)

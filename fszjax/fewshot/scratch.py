@@ -38,10 +38,10 @@ def _meta_cfg(fcfg, n_way: int) -> meta_lib.MetaConfig:
   m = fcfg.meta
   return meta_lib.MetaConfig(
       algorithm=m.algorithm, n_way=n_way, inner_steps=int(m.inner_steps),
-      inner_lr=float(m.inner_lr), adapt=m.get("adapt", "all"), first_order=bool(m.first_order),
-      remat=bool(m.get("remat", False)), head_init=m.head_init,
+      inner_lr=float(m.inner_lr), adapt=m.adapt, first_order=bool(m.first_order),
+      remat=bool(m.remat), head_init=m.head_init,
       eval_inner_steps=int(m.eval_inner_steps) or None,
-      eval_inner_lr=float(m.get("eval_inner_lr", 0.0)) or None, task_chunk=int(m.task_chunk))
+      eval_inner_lr=float(m.eval_inner_lr) or None, task_chunk=int(m.task_chunk))
 
 
 def rotation_classes(images: np.ndarray, labels: np.ndarray,
@@ -105,18 +105,17 @@ def _meta_train_conv4(config, workdir):
   fcfg, m = config.fewshot, config.fewshot.meta
   size = int(fcfg.image_size)
   train = arrays_lib.load_split_arrays(config.data, config.data.train_split,
-                                       fcfg.get("max_train_examples", 0) or None)
+                                       fcfg.max_train_examples or None)
   train_x, train_y = rotation_classes(_resize(train["image"], size), train["label"],
-                                      list(m.get("rotations", [0])))
+                                      list(m.rotations))
   n_way_train, k_train = parse_setting(m.train_setting)
   sampler = EpisodeSampler(train_x, train_y, n_way=n_way_train, k_shot=k_train,
                            q_query=int(m.q_query), seed=config.seed)
-  pool = m.get("pool", "mean")
-  features_fn = conv4.make_conv4_features_fn(m.get("formulation", conv4.DEFAULT_FORMULATION),
-                                             pool=pool)
+  features_fn = conv4.make_conv4_features_fn(m.formulation, pool=m.pool,
+                                             compute_dtype=m.compute_dtype)
   mcfg = _meta_cfg(fcfg, n_way_train)
   params = conv4.init_conv4(jax.random.key(config.seed), n_way_train, hidden=int(m.hidden),
-                            image_size=size, pool=pool)
+                            layers=int(m.layers), norm=m.norm, image_size=size, pool=m.pool)
   meta_params = meta_lib.init_meta_params(mcfg, params)
   meta_params = meta_train(config, os.path.join(workdir, "checkpoints"), features_fn, mcfg,
                            meta_params, lambda step: tasks_of(sampler.sample(step, int(m.meta_batch))))
@@ -135,7 +134,7 @@ def _conv4_evaluators(config, meta_params, features_fn, mcfg) -> Callable:
       frozen = jax.lax.stop_gradient(meta_params)
       ev = chunked(lambda t: meta_lib.task_loss(frozen, t, features_fn=features_fn,
                                                 cfg=ecfg)[1]["acc"],
-                   int(fcfg.get("eval_chunk", 0)), local_devices(m))
+                   int(fcfg.eval_chunk), local_devices(m))
       proto = jax.jit(jax.vmap(
           lambda ps, ys, pq, yq: inner_lib.accuracy(proto_logits(ps, ys, pq, n_way), yq)))
       evaluators[n_way] = ev, proto
@@ -152,7 +151,7 @@ def run_conv4(config, workdir) -> dict:
   learner, pixels = f"conv4_{m.algorithm}", f"pixels_protonet_{size}px"
   methods: dict = {}
   for split in fcfg.splits:
-    arrays = arrays_lib.load_split_arrays(config.data, split, fcfg.get("max_examples", 0) or None)
+    arrays = arrays_lib.load_split_arrays(config.data, split, fcfg.max_examples or None)
     x = _resize(arrays["image"], size)
     pix = pixel_vectors(x)
     for setting in fcfg.settings:

@@ -76,8 +76,8 @@ def tower_dims(cfg) -> tuple[int, int, int, int, int | None]:
   """``(width, depth, mlp_dim, num_heads, patch)`` of a tower config: the variant's
   values unless overridden (0 = from the variant); patch is None when not given."""
   (width, depth, mlp, heads), patch = vit.parse_variant(cfg.variant)
-  return (cfg.get("width", 0) or width, cfg.get("depth", 0) or depth,
-          cfg.get("mlp_dim", 0) or mlp, cfg.get("num_heads", 0) or heads,
+  # A text tower config has no patch_size: .get for that key only.
+  return (cfg.width or width, cfg.depth or depth, cfg.mlp_dim or mlp, cfg.num_heads or heads,
           cfg.get("patch_size", 0) or patch)
 
 
@@ -87,16 +87,13 @@ def build_image_tower(mcfg) -> vit.ViT:
   patch = patch or 16
   return vit.ViT(
       width=width, depth=depth, mlp_dim=mlp, num_heads=heads, patch_size=patch,
-      embed_dim=(mcfg.embed_dim or None) if icfg.get("proj", True) else None,
-      pool=icfg.get("pool", "map"), posemb=icfg.get("posemb", "learn"),
-      ln_pre=icfg.get("ln_pre", False), final_ln_after_pool=icfg.get("final_ln_after_pool", False),
-      patch_bias=icfg.get("patch_bias", True), proj_bias=icfg.get("proj_bias", False),
-      act=icfg.get("act", "gelu"), ln_eps=icfg.get("ln_eps", 1e-6),
-      dtype=common.to_dtype(mcfg.get("dtype", "float32")),
-      param_dtype=common.to_dtype(mcfg.get("param_dtype", "float32")),
-      attn_impl=mcfg.get("attn_impl", None) or None,
-      scan_layers=mcfg.get("scan_layers", False), remat=mcfg.get("remat", "none"),
-      stem=tuple(int(c) for c in icfg.get("stem", ()) or ()))
+      embed_dim=(mcfg.embed_dim or None) if icfg.proj else None,
+      pool=icfg.pool, posemb=icfg.posemb, ln_pre=icfg.ln_pre,
+      final_ln_after_pool=icfg.final_ln_after_pool, patch_bias=icfg.patch_bias,
+      proj_bias=icfg.proj_bias, act=icfg.act, ln_eps=icfg.ln_eps,
+      dtype=common.to_dtype(mcfg.dtype), param_dtype=common.to_dtype(mcfg.param_dtype),
+      attn_impl=mcfg.attn_impl or None, scan_layers=mcfg.scan_layers, remat=mcfg.remat,
+      stem=tuple(int(c) for c in icfg.stem or ()))
 
 
 def build_text_tower(mcfg) -> text.TextTower:
@@ -105,20 +102,17 @@ def build_text_tower(mcfg) -> text.TextTower:
   return text.TextTower(
       vocab_size=tcfg.vocab_size, width=width, depth=depth, mlp_dim=mlp, num_heads=heads,
       max_len=tcfg.max_len,
-      embed_dim=(mcfg.embed_dim or None) if tcfg.get("proj", True) else None,
-      pool=tcfg.get("pool", "eot"), causal=tcfg.get("causal", True),
-      proj_bias=tcfg.get("proj_bias", False), act=tcfg.get("act", "gelu"),
-      ln_eps=tcfg.get("ln_eps", 1e-6), pad_id=tcfg.get("pad_id", 0),
-      dtype=common.to_dtype(mcfg.get("dtype", "float32")),
-      param_dtype=common.to_dtype(mcfg.get("param_dtype", "float32")),
-      attn_impl=mcfg.get("attn_impl", None) or None,
-      scan_layers=mcfg.get("scan_layers", False), remat=mcfg.get("remat", "none"))
+      embed_dim=(mcfg.embed_dim or None) if tcfg.proj else None,
+      pool=tcfg.pool, causal=tcfg.causal, proj_bias=tcfg.proj_bias, act=tcfg.act,
+      ln_eps=tcfg.ln_eps, pad_id=tcfg.pad_id,
+      dtype=common.to_dtype(mcfg.dtype), param_dtype=common.to_dtype(mcfg.param_dtype),
+      attn_impl=mcfg.attn_impl or None, scan_layers=mcfg.scan_layers, remat=mcfg.remat)
 
 
 def build_model(mcfg) -> TwoTower:
-  """Builds a `TwoTower` from ``config.model`` (see configs/glyphs.py for the keys)."""
-  bias = mcfg.get("logit_bias_init", None) if mcfg.get("logit_bias", False) else None
+  """Builds a `TwoTower` from ``config.model`` (every key in fszjax/config_defaults.py)."""
+  bias = mcfg.logit_bias_init if mcfg.logit_bias else None
   return TwoTower(
       img=build_image_tower(mcfg), txt=build_text_tower(mcfg),
-      logit_scale_init=mcfg.get("logit_scale_init", 10.0), logit_bias_init=bias,
-      logit_scale_max=mcfg.get("logit_scale_max", 100.0) or None)
+      logit_scale_init=mcfg.logit_scale_init, logit_bias_init=bias,
+      logit_scale_max=mcfg.logit_scale_max or None)
