@@ -16,7 +16,10 @@ def test_bench_adapt_strategies():
                           formulation="im2col")
   assert out["tasks_per_sec"] > 0 and out["devices"] == 2 and out["meta_batch"] == 4
   assert out["algorithm"] == "fomaml" and out["inner_steps"] == 1 and out["formulation"] == "im2col"
-  loop = bench.bench_adapt({"fewshot": dict(TINY, algorithm="protonet")}, strategy="task_loop")
+  # A partial adapt config (fszjax/config_defaults.py keys) over learn2learn's workload.
+  tiny_meta = dict(hidden=4, layers=1, inner_steps=1, meta_batch=4, algorithm="protonet")
+  loop = bench.bench_adapt({"fewshot": {"image_size": 8, "meta": tiny_meta},
+                            "bench": {"steps": 2, "warmup": 0}}, strategy="task_loop")
   assert loop["strategy"] == "task_loop" and loop["algorithm"] == "protonet"
 
 

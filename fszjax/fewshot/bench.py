@@ -10,18 +10,21 @@ Every result has a ``learn2learn_setting`` line saying whether it ran exactly th
 ``tasks_per_sec = meta_batch / median(step time)`` over the timed steps; compilation (the
 first call) and `warmup` further steps are excluded. Output: one JSON line.
 
-Importable without grain / tensorflow-datasets (the GPU machine may lack them); configs
-(``.py`` or a saved ``.json``) are read by `fszjax.config`, as everywhere else.
+Importable without grain / tensorflow-datasets (the GPU machine may lack them).
 
-Settings (`DEFAULTS`) come from, in increasing priority: defaults, the config's
-``bench_adapt`` / ``fewshot`` / ``adapt`` section (known keys only), keyword arguments.
+Settings are the keys of an `fszjax adapt` config (fszjax/config_defaults.py,
+`adapt_config`): its Conv-4 meta-training section ``fewshot.meta`` and ``fewshot.image_size``,
+plus the ``bench`` section (timed steps, warmup, strategy, image channels). The config is
+``--config C`` (e.g. configs/glyphs_maml_conv4.py) or, without one, `learn2learn_config`;
+``--config.a.b=v`` overrides it as everywhere else. The flat names of `SETTINGS`
+(keyword arguments, ``--hidden=4`` flags of ``python -m fszjax.fewshot.bench``) are
+shorthands for those keys and override them.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import json
 import re
 import statistics
@@ -31,110 +34,154 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 from fszjax import config as config_lib
+from fszjax import config_defaults
 from fszjax import sharding as shd
 from fszjax.config import split_overrides
 from fszjax.errors import UserError
 from fszjax.fewshot import conv4
 from fszjax.fewshot import meta as meta_lib
 
-DEFAULTS: dict[str, Any] = {
-    "algorithm": "maml",
-    "n_way": 5,
-    "k_shot": 1,
-    "q_query": 1,
-    "inner_steps": 5,
-    "inner_lr": 0.4,
-    "first_order": False,
-    "meta_batch": 32,
-    "image_size": 28,
-    "channels": 1,
-    "hidden": 64,
-    "layers": 4,              # conv blocks (Conv-4); fewer only for quick tests
-    "norm": "batch",
-    "formulation": "auto",   # conv4.FORMULATIONS or 'auto' (im2col on CPU, conv elsewhere)
-    "task_chunk": -1,         # -1: auto (4 on CPU, 0 = one vmap elsewhere)
-    "remat": True,
-    "compute_dtype": "float32",  # or 'bfloat16' (matmul operands; f32 accumulation)
-    "outer_lr": 1e-3,
-    "steps": 10,
-    "warmup": 1,
-    "devices": 0,             # 0: all devices if meta_batch divides, else 1; 1: no mesh
-    "strategy": "meta_batch",  # or 'task_loop': jitted single-task grads in a Python loop
-    "seed": 0,
+# Flat setting name -> the adapt config key it stands for. n_way and k_shot are the numbers
+# of ``fewshot.meta.train_setting`` ("5way1shot").
+SETTINGS: dict[str, str] = {
+    "algorithm": "fewshot.meta.algorithm",
+    "n_way": "fewshot.meta.train_setting",
+    "k_shot": "fewshot.meta.train_setting",
+    "q_query": "fewshot.meta.q_query",
+    "inner_steps": "fewshot.meta.inner_steps",
+    "inner_lr": "fewshot.meta.inner_lr",
+    "first_order": "fewshot.meta.first_order",
+    "meta_batch": "fewshot.meta.meta_batch",
+    "image_size": "fewshot.image_size",
+    "channels": "bench.channels",
+    "hidden": "fewshot.meta.hidden",
+    "layers": "fewshot.meta.layers",  # conv blocks (Conv-4); fewer only for quick tests
+    "norm": "fewshot.meta.norm",
+    "pool": "fewshot.meta.pool",
+    "head_init": "fewshot.meta.head_init",
+    "adapt": "fewshot.meta.adapt",
+    # conv4.FORMULATIONS, or (bench only) 'auto': im2col on CPU, conv elsewhere.
+    "formulation": "fewshot.meta.formulation",
+    # Tasks vmapped together; (bench only) -1: auto (4 on CPU, 0 = one vmap elsewhere).
+    "task_chunk": "fewshot.meta.task_chunk",
+    "remat": "fewshot.meta.remat",
+    "compute_dtype": "fewshot.meta.compute_dtype",  # or 'bfloat16' (f32 accumulation)
+    "outer_lr": "fewshot.meta.outer_lr",
+    "steps": "bench.steps",
+    "warmup": "bench.warmup",
+    "devices": "fewshot.meta.devices",  # 0: all devices if meta_batch divides, else 1
+    "strategy": "bench.strategy",  # meta_batch | task_loop
+    "seed": "seed",
 }
 
 
 # learn2learn's benchmark (its Omniglot MAML example; /work/shared/peers/l2l_maml_bench.py and
-# benchmarks/peers.py): the defaults above equal it; every result says whether it ran it.
+# benchmarks/peers.py): `learn2learn_config` equals it; every result says whether it ran it.
 LEARN2LEARN_SETTING: dict[str, Any] = {
     "algorithm": "maml", "first_order": False, "n_way": 5, "k_shot": 1, "q_query": 1,
     "inner_steps": 5, "inner_lr": 0.4, "meta_batch": 32, "image_size": 28, "channels": 1,
     "hidden": 64, "layers": 4, "norm": "batch", "outer_lr": 1e-3,
 }
+# ... and its model: every parameter adapts, the head is meta-learned, features are the
+# spatial mean of the last map (learn2learn's OmniglotCNN).
+LEARN2LEARN_MODEL: dict[str, Any] = {"adapt": "all", "head_init": "learned", "pool": "mean"}
 
 
 def learn2learn_differences(s: Mapping[str, Any]) -> dict[str, Any]:
   """``{key: (this value, learn2learn's)}`` for each setting that differs from
-  `LEARN2LEARN_SETTING`; empty when the run is learn2learn's benchmark setting."""
-  return {k: (s.get(k), v) for k, v in LEARN2LEARN_SETTING.items() if s.get(k) != v}
+  `LEARN2LEARN_SETTING` (and `LEARN2LEARN_MODEL`); empty when the run is learn2learn's
+  benchmark setting."""
+  ref = {**LEARN2LEARN_SETTING, **LEARN2LEARN_MODEL}
+  return {k: (s.get(k), v) for k, v in ref.items() if s.get(k) != v}
 
 
 class BenchError(UserError):
   """A bad bench setting; the CLI shows it as one line (no traceback)."""
 
 
-# Config sections read, lowest priority first; `fewshot.meta` is the meta-training config of
-# `fszjax adapt` (its `steps` there is the training length, so timing keys are not read).
-SECTIONS = ("adapt", "fewshot", "fewshot.meta", "bench_adapt")
-RUN_KEYS = ("steps", "warmup", "strategy", "devices")
+def learn2learn_config() -> ml_collections.ConfigDict:
+  """The default workload as an adapt config: the adapt defaults with the Conv-4 backbone at
+  learn2learn's setting, the layout chosen per platform (formulation 'auto', task_chunk -1)
+  and remat on."""
+  c = config_defaults.adapt_config(ml_collections.ConfigDict())  # no data: synthetic tasks
+  c.name = "learn2learn_maml"
+  c.fewshot.backbone = "conv4"
+  c.fewshot.meta.update(dict(formulation="auto", task_chunk=-1, remat=True))
+  for name, value in {**LEARN2LEARN_SETTING, **LEARN2LEARN_MODEL}.items():
+    _set(c, name, value)
+  return c
 
 
-def _as_dict(config: Any) -> dict:
-  if config is None:
-    return {}
-  if hasattr(config, "to_dict"):
-    return config.to_dict()
-  if dataclasses.is_dataclass(config):
-    return dataclasses.asdict(config)
-  if isinstance(config, Mapping):
-    return dict(config)
-  return dict(vars(config))
+def _way_shot(setting: str) -> tuple[int, int]:
+  m = re.fullmatch(r"(\d+)way(\d+)shot", str(setting))
+  if not m:
+    raise BenchError(f"config.fewshot.meta.train_setting={setting!r}: use e.g. '5way1shot'")
+  return int(m.group(1)), int(m.group(2))
 
 
-def _section(cfg: dict, dotted: str) -> dict:
-  node: Any = cfg
-  for part in dotted.split("."):
-    node = _as_dict(node).get(part) if node is not None else None
-    if node is None or not (isinstance(node, Mapping) or hasattr(node, "to_dict")):
-      return {}
-  return _as_dict(node)
+def _set(cfg: ml_collections.ConfigDict, name: str, value: Any) -> None:
+  """Sets flat setting `name` (`SETTINGS`) in `cfg`."""
+  if name in ("n_way", "k_shot"):
+    n, k = _way_shot(cfg.fewshot.meta.train_setting)
+    n, k = (value, k) if name == "n_way" else (n, value)
+    cfg.fewshot.meta.train_setting = f"{int(n)}way{int(k)}shot"
+  else:
+    config_lib.set_value(cfg, SETTINGS[name], value)
+
+
+def settings_of(cfg: ml_collections.ConfigDict) -> dict:
+  """The flat settings (`SETTINGS`) of an adapt config."""
+  out = {}
+  for name, key in SETTINGS.items():
+    node = cfg
+    for part in key.split("."):
+      node = node[part]
+    out[name] = node
+  out["n_way"], out["k_shot"] = _way_shot(cfg.fewshot.meta.train_setting)
+  return out
+
+
+def _merge(cfg: ml_collections.ConfigDict, partial: Mapping, node=None, prefix: str = "") -> None:
+  """Sets every leaf of nested mapping `partial` in `cfg` (unknown keys: one-line error)."""
+  node = cfg if node is None else node
+  for k, v in partial.items():
+    sub = node[k] if k in node else None
+    if isinstance(v, Mapping) and isinstance(sub, ml_collections.ConfigDict):
+      _merge(cfg, v, sub, f"{prefix}{k}.")
+    else:
+      config_lib.set_value(cfg, f"{prefix}{k}", v)
+
+
+def bench_config(config: Any = None, **kwargs) -> ml_collections.ConfigDict:
+  """The adapt config a run times: `config` (a loaded adapt config; a mapping of flat
+  `SETTINGS`; or a partial adapt config as nested dicts over `learn2learn_config`), or
+  `learn2learn_config` when None, with the flat settings of `kwargs` applied."""
+  if isinstance(config, ml_collections.ConfigDict):
+    if "fewshot" not in config:
+      raise BenchError("bench adapt times Conv-4 meta-training; pass an adapt config "
+                       "(configs/glyphs_maml_conv4.py) or none")
+    cfg = config.copy_and_resolve_references()
+  else:
+    cfg = learn2learn_config()
+    if config and all(k in SETTINGS for k in config):
+      kwargs = {**config, **kwargs}  # a flat mapping of settings
+    elif config:
+      _merge(cfg, config)
+  bad = sorted(set(kwargs) - set(SETTINGS))
+  if bad:
+    raise BenchError(f"bench adapt: unknown setting(s) {bad}; known: {sorted(SETTINGS)}")
+  for name, value in kwargs.items():
+    _set(cfg, name, value)
+  return cfg
 
 
 def resolve_settings(config: Any = None, **kwargs) -> dict:
-  """Merged settings: DEFAULTS < config (known keys) < kwargs (unknown -> error).
-
-  Config keys are read from its top level, then its sections (`SECTIONS`): ``adapt``,
-  ``fewshot``, ``fewshot.meta``, ``bench_adapt``; from the first three the timing keys
-  (`RUN_KEYS`) are ignored.
-  """
-  out = dict(DEFAULTS)
-  cfg = _as_dict(config)
-  out.update({k: v for k, v in cfg.items() if k in DEFAULTS})  # a flat mapping of settings
-  for name in SECTIONS:
-    sec = _section(cfg, name)
-    skip = () if name == "bench_adapt" else RUN_KEYS
-    out.update({k: v for k, v in sec.items() if k in DEFAULTS and k not in skip})
-    m = re.fullmatch(r"(\d+)way(\d+)shot", str(sec.get("train_setting", "")))
-    if m:  # `fszjax adapt`'s "5way1shot"
-      out["n_way"], out["k_shot"] = int(m.group(1)), int(m.group(2))
-  bad = sorted(set(kwargs) - set(DEFAULTS))
-  if bad:
-    raise BenchError(f"bench adapt: unknown setting(s) {bad}; known: {sorted(DEFAULTS)}")
-  out.update(kwargs)
-  return out
+  """The flat settings (`SETTINGS`) of `bench_config(config, **kwargs)`."""
+  return settings_of(bench_config(config, **kwargs))
 
 
 def _synthetic_tasks(s: dict, key):
@@ -168,18 +215,20 @@ def bench_adapt(config: Any = None, **kwargs) -> dict:
   """Times meta-training steps on synthetic Conv-4 episodes; returns a JSON-able dict.
 
   Args:
-    config: a mapping / ConfigDict / object (its `SECTIONS` section is read), or None.
-    **kwargs: settings of `DEFAULTS` (override the config).
+    config: an adapt config, a mapping of settings or a partial adapt config, or None
+      (learn2learn's workload); see `bench_config`.
+    **kwargs: settings of `SETTINGS` (override the config).
   Returns:
     dict with tasks_per_sec, step_time_s (median), compile_s, algorithm, n_way, k_shot,
     q_query, inner_steps, meta_batch, formulation, task_chunk, remat, strategy, devices,
     platform, device_kind.
   """
-  backbone = _section(_as_dict(config), "fewshot").get("backbone", "conv4")
-  if backbone != "conv4":
+  cfg = bench_config(config, **kwargs)
+  if cfg.fewshot.backbone != "conv4":
     raise BenchError(f"bench adapt times Conv-4 meta-training; this config's backbone is "
-                     f"{backbone!r}: pass a Conv-4 config (configs/glyphs_maml_conv4.py) or none")
-  s = resolve_settings(config, **kwargs)
+                     f"{cfg.fewshot.backbone!r}: pass a Conv-4 config "
+                     "(configs/glyphs_maml_conv4.py) or none")
+  s = settings_of(cfg)
   platform = jax.default_backend()
   formulation, chunk, ndev = _layout(s, platform)
   run, chunk, ndev = _make_run(s, formulation, chunk, ndev)
@@ -192,7 +241,7 @@ def bench_adapt(config: Any = None, **kwargs) -> dict:
       "tasks_per_sec": round(t / med, 3), "step_time_s": round(med, 5),
       "step_time_min_s": round(min(times), 5), "compile_s": round(first - med, 3),
       "formulation": formulation, "task_chunk": chunk, "remat": s["remat"], "norm": s["norm"],
-      "compute_dtype": s["compute_dtype"],
+      "pool": s["pool"], "head_init": s["head_init"], "compute_dtype": s["compute_dtype"],
       "strategy": s["strategy"], "devices": ndev, "platform": platform,
       "device_kind": jax.devices()[0].device_kind, "steps": s["steps"],
       "jax_version": jax.__version__,
@@ -224,17 +273,19 @@ def _make_run(s: dict, formulation: str, chunk: int, ndev: int):
   t = s["meta_batch"]
   cfg = meta_lib.MetaConfig(
       algorithm=s["algorithm"], n_way=s["n_way"], inner_steps=s["inner_steps"],
-      inner_lr=s["inner_lr"], first_order=s["first_order"], remat=s["remat"],
-      task_chunk=chunk)
+      inner_lr=s["inner_lr"], adapt=s["adapt"], first_order=s["first_order"],
+      remat=s["remat"], head_init=s["head_init"], task_chunk=chunk)
   key = jax.random.key(s["seed"])
   kp, kt = jax.random.split(key)
-  features_fn = conv4.make_conv4_features_fn(formulation, compute_dtype=s["compute_dtype"])
+  features_fn = conv4.make_conv4_features_fn(formulation, pool=s["pool"],
+                                             compute_dtype=s["compute_dtype"])
   opt = optax.adam(s["outer_lr"]) if s["algorithm"] != "reptile" else optax.sgd(s["outer_lr"])
 
   @jax.jit
   def init(kp, kt):  # one compiled program instead of many eager ops
     params = conv4.init_conv4(kp, s["n_way"], in_channels=s["channels"], hidden=s["hidden"],
-                              layers=s["layers"], norm=s["norm"], image_size=s["image_size"])
+                              layers=s["layers"], norm=s["norm"], image_size=s["image_size"],
+                              pool=s["pool"])
     meta_params = meta_lib.init_meta_params(cfg, params)
     return meta_params, opt.init(meta_params), _synthetic_tasks(s, kt)
 
@@ -295,7 +346,13 @@ def _parse_value(raw: str) -> Any:
 
 
 def _load_config(path: str | None, overrides: Sequence[tuple[str, str]]) -> Any:
-  return config_lib.load_config(path, list(overrides)) if path else None
+  """The adapt config at `path`, or `learn2learn_config`, with the overrides applied."""
+  if path:
+    return config_lib.load_config(path, list(overrides))
+  cfg = learn2learn_config()
+  config_lib.apply_overrides(cfg, overrides)
+  config_lib.validate(cfg)
+  return cfg
 
 
 def main(argv: Any = None, overrides: Sequence[tuple[str, str]] | None = None) -> int:
@@ -309,7 +366,7 @@ def main(argv: Any = None, overrides: Sequence[tuple[str, str]] | None = None) -
     ovr, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(prog="fszjax bench adapt")
     parser.add_argument("--config", default=None)
-    for k in DEFAULTS:
+    for k in SETTINGS:
       parser.add_argument(f"--{k}", default=None)
     parsed = vars(parser.parse_args(rest))
     kwargs = {k: _parse_value(v) for k, v in parsed.items() if k != "config" and v is not None}
