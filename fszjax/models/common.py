@@ -17,6 +17,7 @@ Parameter layout (shared by both towers, and what the converters map to):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -275,8 +276,10 @@ class Mlp(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.normal(1e-6), ("embed",)))(h)
 
 
-class Block(nn.Module):
-  """Pre-LN transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """Hyper-parameters of a transformer block, shared by every block of an `Encoder`
+  (and by a tower's `MAPHead`, which ignores ``causal``)."""
 
   num_heads: int
   mlp_dim: int
@@ -286,23 +289,37 @@ class Block(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attn_impl: str | None = None
+
+  @classmethod
+  def of(cls, tower) -> BlockConfig:
+    """The block hyper-parameters of a tower module, read from its same-named fields
+    (those it lacks, e.g. ``causal`` of the image tower, keep their defaults)."""
+    names = [f.name for f in dataclasses.fields(cls) if hasattr(tower, f.name)]
+    return cls(**{n: getattr(tower, n) for n in names})
+
+
+class Block(nn.Module):
+  """Pre-LN transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+  cfg: BlockConfig
   scan_mode: bool = False  # return (x, None), the carry signature `nn.scan` wants
 
   @nn.compact
   def __call__(self, x, mask=None):
+    c = self.cfg
     x = nn.with_logical_constraint(x, ("batch", "act_seq", "act_embed"))
-    y = layer_norm(self.ln_eps, self.dtype, self.param_dtype, "ln_1")(x)
-    y = Attention(self.num_heads, self.dtype, self.param_dtype, self.attn_impl, name="attn")(
-        y, causal=self.causal, mask=mask)
+    y = layer_norm(c.ln_eps, c.dtype, c.param_dtype, "ln_1")(x)
+    y = Attention(c.num_heads, c.dtype, c.param_dtype, c.attn_impl, name="attn")(
+        y, causal=c.causal, mask=mask)
     x = x + y
-    y = layer_norm(self.ln_eps, self.dtype, self.param_dtype, "ln_2")(x)
-    y = Mlp(self.mlp_dim, self.act, self.dtype, self.param_dtype, name="mlp")(y)
+    y = layer_norm(c.ln_eps, c.dtype, c.param_dtype, "ln_2")(x)
+    y = Mlp(c.mlp_dim, c.act, c.dtype, c.param_dtype, name="mlp")(y)
     x = x + y
     return (x, None) if self.scan_mode else x
 
 
 class Encoder(nn.Module):
-  """A stack of `depth` blocks.
+  """A stack of `depth` blocks, each built from ``cfg``.
 
   ``scan_layers=True`` stacks the blocks' parameters along a leading ``layers`` axis and
   runs them with `nn.scan` (one compiled block: large models compile in seconds); the
@@ -311,22 +328,12 @@ class Encoder(nn.Module):
   """
 
   depth: int
-  num_heads: int
-  mlp_dim: int
-  act: str = "gelu"
-  ln_eps: float = 1e-6
-  causal: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attn_impl: str | None = None
+  cfg: BlockConfig
   scan_layers: bool = False
   remat: str = "none"
 
   @nn.compact
   def __call__(self, x, mask=None):
-    kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act, ln_eps=self.ln_eps,
-              causal=self.causal, dtype=self.dtype, param_dtype=self.param_dtype,
-              attn_impl=self.attn_impl)
     policy = remat_policy(self.remat)
     if self.scan_layers:
       cls = Block
@@ -336,40 +343,36 @@ class Encoder(nn.Module):
           cls, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=nn.broadcast, length=self.depth,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(**kw, scan_mode=True, name="blocks")(x, mask)
+      x, _ = scanned(self.cfg, scan_mode=True, name="blocks")(x, mask)
       return x
     cls = Block
     if self.remat != "none":
       cls = nn.remat(Block, policy=policy)
     for i in range(self.depth):
-      x = cls(**kw, name=f"block_{i}")(x, mask)
+      x = cls(self.cfg, name=f"block_{i}")(x, mask)
     return x
 
 
 class MAPHead(nn.Module):
   """Multihead attention pooling: a learned probe attends over the tokens.
 
-  ``x (B, T, D) -> (B, D)``; the probe's output goes through a residual MLP.
+  ``x (B, T, D) -> (B, D)``; the probe's output goes through a residual MLP. Heads, MLP
+  width, activation, epsilon and dtypes come from ``cfg`` (``causal`` is not used).
   """
 
-  num_heads: int
-  mlp_dim: int
-  act: str = "gelu"
-  ln_eps: float = 1e-6
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attn_impl: str | None = None
+  cfg: BlockConfig
 
   @nn.compact
   def __call__(self, x):
+    c = self.cfg
     b, _, d = x.shape
     probe = self.param(
         "probe", nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (None, None, "embed")),
-        (1, 1, d), self.param_dtype)
-    probe = jnp.tile(probe.astype(self.dtype), (b, 1, 1))
-    y = Attention(self.num_heads, self.dtype, self.param_dtype, self.attn_impl, name="attn")(probe, x)
-    z = layer_norm(self.ln_eps, self.dtype, self.param_dtype, "ln")(y)
-    y = y + Mlp(self.mlp_dim, self.act, self.dtype, self.param_dtype, name="mlp")(z)
+        (1, 1, d), c.param_dtype)
+    probe = jnp.tile(probe.astype(c.dtype), (b, 1, 1))
+    y = Attention(c.num_heads, c.dtype, c.param_dtype, c.attn_impl, name="attn")(probe, x)
+    z = layer_norm(c.ln_eps, c.dtype, c.param_dtype, "ln")(y)
+    y = y + Mlp(c.mlp_dim, c.act, c.dtype, c.param_dtype, name="mlp")(z)
     return y[:, 0]
 
 

@@ -102,11 +102,8 @@ class TextTower(nn.Module):
         nn.initializers.normal(0.01), (None, "seq", "embed")), (1, self.max_len, self.width),
                     self.param_dtype)
     x = x + pe[:, :length].astype(x.dtype)
-    x = common.Encoder(
-        depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act,
-        ln_eps=self.ln_eps, causal=self.causal, dtype=self.dtype, param_dtype=self.param_dtype,
-        attn_impl=self.attn_impl, scan_layers=self.scan_layers, remat=self.remat,
-        name="encoder")(x)
+    x = common.Encoder(self.depth, common.BlockConfig.of(self), scan_layers=self.scan_layers,
+                       remat=self.remat, name="encoder")(x)
     x = common.layer_norm(self.ln_eps, self.dtype, self.param_dtype, "ln_final")(x)
     pooled = pool_tokens(x, tokens, self.pool, self.pad_id)
     features = pooled

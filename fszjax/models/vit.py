@@ -122,11 +122,9 @@ class ViT(nn.Module):
     x = x + pe.astype(x.dtype)
     if self.ln_pre:
       x = common.layer_norm(self.ln_eps, self.dtype, self.param_dtype, "ln_pre")(x)
-    x = common.Encoder(
-        depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act,
-        ln_eps=self.ln_eps, causal=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        attn_impl=self.attn_impl, scan_layers=self.scan_layers, remat=self.remat,
-        name="encoder")(x)
+    block = common.BlockConfig.of(self)  # causal=False: the image tower has no such field
+    x = common.Encoder(self.depth, block, scan_layers=self.scan_layers, remat=self.remat,
+                       name="encoder")(x)
     ln_post = common.layer_norm(self.ln_eps, self.dtype, self.param_dtype, "ln_post")
     if not self.final_ln_after_pool:
       x = ln_post(x)
@@ -136,10 +134,7 @@ class ViT(nn.Module):
     elif self.pool == "gap":
       pooled = x.mean(axis=1)
     elif self.pool == "map":
-      pooled = common.MAPHead(
-          num_heads=self.num_heads, mlp_dim=self.mlp_dim, act=self.act, ln_eps=self.ln_eps,
-          dtype=self.dtype, param_dtype=self.param_dtype, attn_impl=self.attn_impl,
-          name="map_head")(x)
+      pooled = common.MAPHead(block, name="map_head")(x)
     elif self.pool == "none":
       pooled = x
     else:
