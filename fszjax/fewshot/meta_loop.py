@@ -1,13 +1,12 @@
-"""The meta-training loop of `fszjax adapt` (Conv-4 from scratch and the image tower):
-the outer optimizer, device sharing of the meta-batch, and `meta_train` with Orbax
-checkpoints, exact resume, preemption, Ctrl-C and non-finite-loss handling."""
+"""The meta-training of `fszjax adapt` (Conv-4 from scratch and the image tower): the
+outer optimizer, device sharing of the meta-batch, and `meta_train`, a job of the shared
+training loop (`fszjax.loop`: Orbax checkpoints, exact resume, preemption, Ctrl-C, NaN and
+spike handling, metrics and progress)."""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import time
 from typing import Callable
 
 import jax
@@ -15,9 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fszjax import checkpoint, interrupt, sharding
 from fszjax import loop as loop_lib
-from fszjax import metrics as metrics_lib
+from fszjax import sharding
 from fszjax.fewshot import meta as meta_lib
 from fszjax.fewshot.episodes import AdaptError
 
@@ -57,68 +55,52 @@ def local_devices(m) -> int:
   return min(n, want) if want else n
 
 
-def meta_train(config, ckpt_dir: str, features_fn, mcfg: meta_lib.MetaConfig, meta_params,
-               sample: Callable[[int], dict]):
-  """Meta-trains ``config.fewshot.meta.steps`` steps on ``sample(step)`` meta-batches, with
-  Orbax checkpoints in `ckpt_dir` and exact resume (batches are drawn by step index);
-  on preemption (SIGTERM) it saves and exits 0, on Ctrl-C it saves and raises
-  `KeyboardInterrupt`, on a non-finite loss it stops with the last good checkpoint kept.
-  Returns the meta-params."""
-  m = config.fewshot.meta
-  opt = outer_optimizer(m)
-  opt_state = opt.init(meta_params)
-  mesh = None
+def _meta_mesh(m):
+  """The mesh that shares the meta-batch over this process's devices, or None (one)."""
   ndev = local_devices(m)
   if ndev > 1 and int(m.meta_batch) % ndev == 0:
-    mesh = sharding.make_mesh(ndev, 1, 1, devices=jax.local_devices()[:ndev])
     log.info("meta-batch of %d tasks sharded over %d devices", int(m.meta_batch), ndev)
-  elif ndev > 1:
+    return sharding.make_mesh(ndev, 1, 1, devices=jax.local_devices()[:ndev])
+  if ndev > 1:
     log.warning("meta_batch=%d is not a multiple of the %d devices: meta-training on one",
                 int(m.meta_batch), ndev)
+  return None
+
+
+def meta_train(config, ckpt_dir: str, features_fn, mcfg: meta_lib.MetaConfig, meta_params,
+               sample: Callable[[int], dict]):
+  """Meta-trains ``config.fewshot.meta.steps`` steps on ``sample(step)`` meta-batches in the
+  shared training loop (`fszjax.loop`), with Orbax checkpoints in `ckpt_dir`, exact resume
+  (batches are drawn by step index) and metrics in the directory above it; on preemption
+  (SIGTERM) it saves and exits 0, on Ctrl-C it saves and raises `KeyboardInterrupt`, on a
+  NaN or spiking loss it sets the suspect checkpoints aside and raises
+  `loop.TrainingDiverged` naming the step a rerun resumes from. Returns the meta-params."""
+  m = config.fewshot.meta
+  opt = outer_optimizer(m)
+  mesh = _meta_mesh(m)
   step_fn = meta_lib.make_meta_step(features_fn, mcfg, opt, mesh=mesh, donate=False)
-  ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=int(config.checkpoint.save_every),
-                                 keep=int(config.checkpoint.keep), async_save=False,
-                                 on_save_error=config.checkpoint.get("on_save_error", "stop"))
-  state = {"step": jnp.zeros((), jnp.int32), "params": meta_params, "opt_state": opt_state}
-  start = 0
-  if ckpt.all_steps():
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    start, state = ckpt.restore(abstract)
-    log.info("resumed meta-training at step %d", start)
-  meta_params, opt_state = state["params"], state["opt_state"]
-  ckpt.reached_preemption(start)  # JAX's sync point counts from the last reported step
-  total = int(m.steps)
-  t0 = time.perf_counter()
-  log_every = int(config.log_every)
-  # Meta-training curves: WORKDIR/metrics.jsonl and WORKDIR/tensorboard (process 0).
-  writer = metrics_lib.MetricWriter(os.path.dirname(os.path.abspath(ckpt_dir)),
-                                    enabled=jax.process_index() == 0)
-  writer.truncate_after(start)
-  with interrupt.StopRequest("meta-training") as stop:
-    for step in range(start + 1, total + 1):
-      meta_params, opt_state, metrics = step_fn(meta_params, opt_state, sample(step))
-      if step % log_every == 0 or step == total:  # the only host sync of a step
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(host["loss"]):
-          raise AdaptError(f"meta-training loss is {host['loss']} at step {step}; lower "
-                           "config.fewshot.meta.outer_lr (the last good checkpoint is kept)")
-        elapsed = time.perf_counter() - t0
-        rate = (step - start) * int(m.meta_batch) / elapsed
-        log.info("meta step %d/%d loss %.4f query acc %.3f %.1f tasks/s, ETA %s", step, total,
-                 host["loss"], host["acc"], rate,
-                 metrics_lib.eta(step - start, total - start, elapsed))
-        writer.write(step, {**host, "tasks_per_sec": rate})
-      end = loop_lib.step_end(ckpt, step, total, stop)
-      if end.save:
-        ckpt.save(step, {"step": jnp.asarray(step, jnp.int32), "params": meta_params,
-                         "opt_state": opt_state}, force=True)
-      if end.stop:
-        ckpt.close()
-        writer.close()
-        loop_lib.log_stop("meta-training", step, end)
-        if end.interrupted:
-          raise KeyboardInterrupt
-        raise SystemExit(0)
-  ckpt.close()
-  writer.close()
-  return meta_params
+  train = loop_lib.TrainLoop(
+      "meta-training", ckpt_dir, os.path.dirname(os.path.abspath(ckpt_dir)), config.checkpoint,
+      loop_lib.LrHint(float(m.outer_lr), lr_key="fewshot.meta.outer_lr", warmup_key=None),
+      async_save=False, best=False, progress=config.get("progress", True), desc="meta-train")
+  state = {"step": jnp.zeros((), jnp.int32), "params": meta_params,
+           "opt_state": opt.init(meta_params)}
+  _, state = train.restore(
+      state, lambda: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+  tasks = int(m.meta_batch)
+
+  def step(st, i):
+    params, opt_state, metrics = step_fn(st["params"], st["opt_state"], sample(i))
+    return {"step": jnp.asarray(i, jnp.int32), "params": params, "opt_state": opt_state}, metrics
+
+  def log_row(s: loop_lib.LogStep):
+    rate = s.done * tasks / s.elapsed
+    line = (f"meta step {s.step}/{s.total} loss {s.host['loss']:.4f} query acc "
+            f"{s.host['acc']:.3f} {rate:.1f} tasks/s")
+    return {**s.host, "tasks_per_sec": rate}, line
+
+  out = train.run(state, loop_lib.Job(step=step, log_row=log_row, total=int(m.steps),
+                                      log_every=int(config.log_every)))
+  if out.stopped:  # preempted: the checkpoint is saved, the job ends cleanly
+    raise SystemExit(0)
+  return out.state["params"]
