@@ -3,7 +3,11 @@
     config = load_config("configs/glyphs.py", ["--config.loss=clip", "--config.mesh.data=2"])
 
 A config file may take an argument: ``configs/foo.py:arg`` calls ``get_config("arg")``.
-Unknown keys give a one-line error with the closest valid keys.
+Every key is in `fszjax.config_defaults` (`pretrain_config` for a config with a ``model``
+section, `adapt_config` for one with a ``fewshot`` section): an unknown key gives a
+one-line error with the closest valid keys, and a key a saved config.json lacks is filled
+from there, so code reads every key as an attribute (``config.optim.wd``, no
+``.get(key, default)``).
 """
 
 from __future__ import annotations
