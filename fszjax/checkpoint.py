@@ -255,6 +255,9 @@ class Checkpointer:
       log.warning("%s; retrying at the next save (config.checkpoint.on_save_error=retry)", msg)
       return
     self._shutdown_quietly()
+    # A background write that was still running when the partial step was first removed
+    # can recreate its directory; with Orbax's threads stopped, remove it for good.
+    self._remove_partial(step)
     raise StorageError(f"{msg}; rerun the same command to resume, or set "
                        "config.checkpoint.on_save_error=retry to keep training") from None
 
