@@ -140,6 +140,7 @@ SUMMARY_METHODS = (
     ("zs_head_adapt", "towers: zero-shot head + SGD on the support set"),
     ("anil", "towers: ANIL meta-trained, zero-shot head + SGD"),
     ("protonet", "towers: ProtoNets on frozen features"),
+    ("protonet_meta", "towers: ProtoNets meta-trained (whole image tower, cross-font tasks)"),
     ("linear_probe", "towers: linear probe"),
     ("proto_zs_adapt", "towers: zero-shot + prototype head (gated) + SGD"),
     ("tip_adapter", "towers: Tip-Adapter cache + zero-shot (gated)"),
@@ -198,8 +199,8 @@ METHOD_GROUPS = (
     ("towers, training-free", ("zeroshot", "protonet", "tip_adapter", "anil_zeroshot"),
      ("#08306b", "#2171b5", "#6baed6", "#9ecae1")),
     ("towers, adapted", ("zs_head_adapt", "linear_probe", "wise_ft", "anil", "lp_ft", "finetune",
-                         "proto_zs_adapt"),
-     ("#00441b", "#238b45", "#74c476", "#a1d99b", "#006d2c", "#41ab5d", "#c7e9c0")),
+                         "proto_zs_adapt", "protonet_meta"),
+     ("#00441b", "#238b45", "#74c476", "#a1d99b", "#006d2c", "#41ab5d", "#c7e9c0", "#005a32")),
     ("from scratch / pixels", ("conv4_maml", "pixels_protonet", "pixels_protonet_28px"),
      ("#a50f15", "#737373", "#bdbdbd")),
 )

@@ -36,7 +36,7 @@ def _towers_cfg(gdir, pre, *extra):
 def test_towers_results_and_zero_step_adaptation_equals_zeroshot(gdir, pretrained, tmp_path):
   wd = str(tmp_path / "a")
   cfg = _towers_cfg(gdir, pretrained, "--config.fewshot.head_steps=0",
-                    "--config.fewshot.meta.steps=0")
+                    "--config.fewshot.meta.steps=0", "--config.fewshot.meta.algorithm=anil")
   res = adapt.run(cfg, wd)
   saved = json.load(open(os.path.join(wd, "results.json")))
   assert set(saved["methods"]) >= {"zeroshot", "protonet", "linear_probe", "zs_head_adapt",
@@ -93,7 +93,7 @@ def test_towers_meta_training_changes_the_tower_and_resumes(gdir, pretrained, tm
            "--config.fewshot.meta.train_setting=5way1shot", "--config.fewshot.meta.q_query=1",
            "--config.fewshot.meta.meta_batch=2", "--config.fewshot.meta.outer_lr=1e-2",
            "--config.fewshot.head_steps=2", "--config.checkpoint.save_every=2",
-           "--config.log_every=1"]
+           "--config.log_every=1", "--config.fewshot.meta.algorithm=anil"]
   r1 = adapt.run(_towers_cfg(gdir, pretrained, *extra, "--config.fewshot.meta.steps=2"), wd)
   assert r1["meta_training"]["steps"] == 2 and {"anil", "anil_zeroshot"} <= set(r1["methods"])
   ck = checkpoint.Checkpointer(os.path.join(wd, "meta_checkpoints"), read_only=True)
@@ -111,6 +111,49 @@ def test_towers_meta_training_changes_the_tower_and_resumes(gdir, pretrained, tm
   assert "resumed meta-training at step 2" in caplog.text
   assert "meta step" not in caplog.text  # no meta-step ran again
   assert r2["methods"]["anil"] == r1["methods"]["anil"]
+
+
+def test_towers_protonet_meta_training(gdir, pretrained, tmp_path):
+  """ProtoNets meta-training of the whole image tower: 0 steps re-encodes to the frozen
+  tower's ProtoNets results exactly; 3 steps move every part of the tower (stem, blocks,
+  pooling head, projection) and change the results."""
+  extra = ["--config.fewshot.dg.enabled=False", "--config.fewshot.transfer.enabled=False",
+           "--config.fewshot.settings=['5way1shot']", "--config.fewshot.meta.algorithm=protonet",
+           "--config.fewshot.meta.train_setting=5way1shot", "--config.fewshot.meta.q_query=1",
+           "--config.fewshot.meta.meta_batch=2", "--config.fewshot.meta.outer_lr=1e-2",
+           "--config.log_every=1"]
+  r0 = adapt.run(_towers_cfg(gdir, pretrained, *extra, "--config.fewshot.meta.steps=0"),
+                 str(tmp_path / "p0"))
+  assert r0["methods"]["protonet_meta"] == r0["methods"]["protonet"]
+  assert r0["methods"]["protonet_meta_zeroshot"] == r0["methods"]["zeroshot"]
+  assert "anil" not in r0["methods"]
+  wd = str(tmp_path / "p3")
+  r3 = adapt.run(_towers_cfg(gdir, pretrained, *extra, "--config.fewshot.meta.steps=3"), wd)
+  assert r3["meta_training"]["algorithm"] == "protonet"
+  from fszjax import checkpoint
+  import jax
+  trained = checkpoint.load_params_numpy(os.path.join(wd, "meta_checkpoints", "3"))["backbone"]
+  before = checkpoint.load_params_numpy(pretrained)["img"]
+  moved = {k: max(jax.tree.leaves(jax.tree.map(
+      lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), trained[k], before[k])))
+      for k in before}
+  assert min(moved.values()) > 1e-4, moved  # every part of the tower learned
+  assert r3["methods"]["protonet_meta"] != r0["methods"]["protonet_meta"]
+  assert r3["methods"]["protonet"] == r0["methods"]["protonet"]  # the frozen rows stay
+
+
+def test_towers_meta_algorithm_is_checked():
+  from fszjax.fewshot import towers
+  cfg = config_lib.load_config(os.path.join(ROOT, "configs/glyphs_fewshot.py"),
+                               ["--config.fewshot.meta.algorithm=reptile"])
+  with pytest.raises(episodes.AdaptError, match="protonet, anil, fomaml, maml"):
+    towers.towers_meta_cfg(cfg.fewshot, 10.0, 0.0)
+  cfg.fewshot.meta.algorithm = "protonet"
+  assert towers.towers_meta_cfg(cfg.fewshot, 10.0, 0.0).algorithm == "protonet"
+  f = towers.tower_features_fn(
+      type("T", (), {"apply": staticmethod(lambda p, x: (x, None))})(), "protonet", 8.0)
+  q = f(None, np.asarray([[3.0, 4.0]], np.float32))
+  np.testing.assert_allclose(np.asarray(q), [[0.6 * 2.0, 0.8 * 2.0]], rtol=1e-6)  # sqrt(8/2)
 
 
 @pytest.mark.parametrize("rotations", [[0], [0, 90, 180, 270], [0, 180]])
@@ -201,7 +244,8 @@ def test_outer_optimizer_schedules():
   import jax.numpy as jnp
 
   def lr_trace(**kw):
-    m = ml_collections.ConfigDict(dict(algorithm="maml", outer_lr=0.1, steps=10, **kw))
+    m = ml_collections.ConfigDict({**dict(algorithm="maml", outer_lr=0.1, steps=10,
+                                          outer_schedule="constant", warmup_steps=0), **kw})
     opt = meta_loop.outer_optimizer(m)
     p = {"w": jnp.zeros(())}
     s = opt.init(p)

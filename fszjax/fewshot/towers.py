@@ -34,7 +34,7 @@ log = logging.getLogger("fszjax")
 def run_towers(config, workdir) -> dict:
   fcfg = config.fewshot
   pre, base_dir, model, params = load_towers(config)
-  data_cfg = eval_data_config(pre.data, config.get("data", None) or {})
+  data_cfg = eval_data_config(pre.data, config.data)
   tokenizer = inference.model_tokenizer(pre, base_dir)  # the model's own, never the data's
   encoder = evaluate.EmbeddingEncoder(model, params, tokenizer, max_len=pre.model.text.max_len)
   splits = eval_splits(fcfg, data_cfg)
@@ -44,12 +44,12 @@ def run_towers(config, workdir) -> dict:
   scale = float(jnp.exp(t))
   bias = float(b) if b is not None else 0.0
   templates = list(sources.prompt_templates(data_cfg))
-  meta_on = bool(fcfg.get("meta", {}) and fcfg.meta.get("enabled", False))
+  meta_on = bool(fcfg.meta.enabled)
   data = {}
   for split in splits:
     try:
       data[split] = split_data(encoder, data_cfg, split, templates,
-                                fcfg.get("max_examples", 0) or None, keep_images=meta_on)
+                                fcfg.max_examples or None, keep_images=meta_on)
     except data_errors.DataError as e:
       raise AdaptError(f"{e} (evaluation data of `fszjax adapt`: choose it with "
                        "--config.data.name=..., --config.data.data_dir=... and "
@@ -64,10 +64,10 @@ def run_towers(config, workdir) -> dict:
   if fcfg.dg.enabled and not dg_on:
     log.info("domain generalisation skipped: none of config.fewshot.dg.splits=%s is evaluated",
              list(fcfg.dg.splits))
-  transfer_on = bool(fcfg.get("transfer", {}) and fcfg.transfer.get("enabled", False))
+  transfer_on = bool(fcfg.transfer.enabled)
   if dg_on or meta_on or transfer_on:  # loaded once for all
     train = split_data(encoder, data_cfg, data_cfg.train_split, templates,
-                        fcfg.get("max_train_examples", 0) or None, keep_images=meta_on)
+                        fcfg.max_train_examples or None, keep_images=meta_on)
   if transfer_on:
     tr = transfer_towers(config, encoder, data_cfg, templates, train, data, scale, bias,
                           samplers)
@@ -110,7 +110,7 @@ def transfer_towers(config, encoder, data_cfg, templates, train: SplitData,
   proto_grid = [c for c in proto_grid if c["steps"] > 0 or c["lr"] == tcfg.lrs[0]]
   tip_grid = transfer.grid({"alpha": list(tcfg.alphas), "beta": list(tcfg.betas)})
   chosen, methods = {}, {}
-  gate = bool(tcfg.get("gate", True))
+  gate = bool(tcfg.gate)
   for setting in fcfg.settings:
     n_way, k_shot = parse_setting(setting)
     eps = transfer.cross_font_episodes(train.labels, tdom, vy[keep], vdom, n_way=n_way,
@@ -148,56 +148,80 @@ def transfer_towers(config, encoder, data_cfg, templates, train: SplitData,
   return {"methods": methods, "transfer_selection": chosen}
 
 
+# Meta-learners of the image tower: ANIL / MAML / FOMAML adapt the zero-shot head in the
+# inner loop; ProtoNets has no inner loop (the whole tower learns from the episodes' query
+# loss on distances to the support prototypes).
+TOWER_META_ALGORITHMS = ("protonet", "anil", "fomaml", "maml")
+
+
 def towers_meta_cfg(fcfg, scale: float, bias: float) -> meta_lib.MetaConfig:
-  """Meta-learning of the image tower from the zero-shot head: the inner loop is the one
-  `zs_head_adapt` evaluates (``head_steps`` SGD steps of ``head_lr`` from the text
-  tower's classifier), so at evaluation the meta-trained tower runs that same method."""
+  """Meta-learning of the image tower. ANIL / MAML / FOMAML start from the zero-shot head:
+  the inner loop is the one `zs_head_adapt` evaluates (``head_steps`` SGD steps of
+  ``head_lr`` from the text tower's classifier), so at evaluation the meta-trained tower
+  runs that same method. ProtoNets trains the tower on the metric ProtoNets evaluates."""
   m = fcfg.meta
-  if m.algorithm not in ("anil", "fomaml", "maml"):
-    raise AdaptError(f"config.fewshot.meta.algorithm={m.algorithm!r} for the towers: use "
-                     "'anil' (head adapts) or 'maml' / 'fomaml' with adapt='head'")
-  adapt = m.get("adapt", "head")
-  if adapt != "head":
-    raise AdaptError(f"config.fewshot.meta.adapt={adapt!r}: for the towers the inner loop adapts "
+  if m.algorithm not in TOWER_META_ALGORITHMS:
+    raise AdaptError(f"config.fewshot.meta.algorithm={m.algorithm!r} for the towers: use one of "
+                     f"{', '.join(TOWER_META_ALGORITHMS)}")
+  n_way, _ = parse_setting(m.train_setting)
+  if m.algorithm == "protonet":
+    return meta_lib.MetaConfig(algorithm="protonet", n_way=n_way, inner_steps=0,
+                               task_chunk=int(m.task_chunk))
+  if m.adapt != "head":
+    raise AdaptError(f"config.fewshot.meta.adapt={m.adapt!r}: for the towers the inner loop adapts "
                      "the zero-shot head ('head'); evaluation re-encodes each split once with "
                      "the meta-trained tower")
-  n_way, _ = parse_setting(m.train_setting)
   return meta_lib.MetaConfig(
       algorithm=m.algorithm, n_way=n_way, inner_steps=int(fcfg.head_steps),
       inner_lr=float(fcfg.head_lr), adapt="head", first_order=bool(m.first_order),
-      remat=bool(m.get("remat", False)), head_init="zeroshot", logit_scale=scale,
-      logit_bias=bias, task_chunk=int(m.get("task_chunk", 0)))
+      remat=bool(m.remat), head_init="zeroshot", logit_scale=scale,
+      logit_bias=bias, task_chunk=int(m.task_chunk))
+
+
+def tower_features_fn(tower, algorithm: str, scale: float):
+  """``f(backbone, images) -> features`` the meta-learner trains: the normalised image
+  embedding, times ``sqrt(scale / 2)`` for ProtoNets, so that its logits
+  ``-|q - c|^2 = scale * q.c - const`` sit at the model's own (learned) temperature."""
+  mult = float(np.sqrt(scale / 2.0)) if algorithm == "protonet" else 1.0
+
+  def features_fn(backbone, x):
+    z, _ = tower.apply({"params": backbone}, x)
+    return inner_lib.l2_normalize(z) * mult
+
+  return features_fn
+
+
+# The methods each meta-learner is evaluated with on the re-encoded splits, and their names.
+_META_METHODS = {"protonet": {"protonet": "protonet_meta", "zeroshot": "protonet_meta_zeroshot"}}
 
 
 def meta_towers(config, workdir, model_cfg, model, params, encoder, train: SplitData,
                  data: dict[str, SplitData], scale: float, bias: float, samplers: dict) -> dict:
-  """Meta-trains the image tower (ANIL: the zero-shot head adapts in the inner loop, the
-  tower learns in the outer loop) on train-split tasks, then re-encodes every evaluation
-  split and reports ``{alg}`` (zero-shot head adapted on the meta-trained tower) and
-  ``{alg}_zeroshot``."""
+  """Meta-trains the image tower on train-split tasks (a class has one image per font, so
+  the support and query images of a task are always in different fonts), then re-encodes
+  every evaluation split and reports, for ANIL & co., ``{alg}`` (zero-shot head adapted on
+  the meta-trained tower) and ``{alg}_zeroshot``; for ProtoNets ``protonet_meta`` and
+  ``protonet_meta_zeroshot``."""
   fcfg, m = config.fewshot, config.fewshot.meta
   mcfg = towers_meta_cfg(fcfg, scale, bias)
-  tower = build_image_tower(model_cfg)
-
-  def features_fn(backbone, x):
-    z, _ = tower.apply({"params": backbone}, x)
-    return inner_lib.l2_normalize(z)
-
+  features_fn = tower_features_fn(build_image_tower(model_cfg), m.algorithm, scale)
   n_way, k_shot = parse_setting(m.train_setting)
   sampler = EpisodeSampler(train.images, train.labels, n_way=n_way, k_shot=k_shot,
                            q_query=int(m.q_query), seed=config.seed)
+  text = None if m.algorithm == "protonet" else train.text
   t0 = time.perf_counter()
   meta_params = meta_train(config, os.path.join(workdir, "meta_checkpoints"), features_fn, mcfg,
                            {"backbone": params["img"]},
-                           lambda step: tasks_of(sampler.sample(step, int(m.meta_batch)), train.text))
+                           lambda step: tasks_of(sampler.sample(step, int(m.meta_batch)), text))
   train_s = time.perf_counter() - t0
   enc = evaluate.EmbeddingEncoder(model, {**params, "img": meta_params["backbone"]}, encoder.tokenizer,
                          max_len=encoder.max_len)
   meta_data = {sp: dataclasses.replace(d, feats=image_feats(enc, d.images))
                for sp, d in data.items()}
-  table = few_shot_table(meta_data, fcfg, scale, bias, config.seed,
-                          methods=("zs_head_adapt", "zeroshot"), samplers=samplers)
-  names = {"zs_head_adapt": m.algorithm, "zeroshot": f"{m.algorithm}_zeroshot"}
+  names = _META_METHODS.get(m.algorithm, {"zs_head_adapt": m.algorithm,
+                                          "zeroshot": f"{m.algorithm}_zeroshot"})
+  table = few_shot_table(meta_data, fcfg, scale, bias, config.seed, methods=tuple(names),
+                         samplers=samplers)
   return {"methods": {names[k]: v for k, v in table.items()},
           "meta_training": {"steps": int(m.steps), "algorithm": m.algorithm,
                             "train_setting": m.train_setting, "meta_batch": int(m.meta_batch),
