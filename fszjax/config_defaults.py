@@ -196,7 +196,14 @@ def adapt_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.log_every = 25  # meta-training steps between log lines / metrics.jsonl rows
   # Meta-training checkpoints (W/checkpoints, W/meta_checkpoints): every save_every steps,
   # the last `keep`; a failed save: "stop" (exit 2, one line) or "retry" at the next save.
-  c.checkpoint = ml_collections.ConfigDict(dict(save_every=50, keep=2, on_save_error="stop"))
+  # The keys the shared training loop (`fszjax.loop`) reads as in `pretrain_config`, at the
+  # values meta-training has always used: synchronous saves, no best-checkpoint tracking
+  # (best_metric "" = none; meta-training has no periodic evaluation, so it must stay ""),
+  # and a logged loss above spike_factor x the recent median (or NaN) stops the run.
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      save_every=50, keep=2, on_save_error="stop", async_save=False, best_metric="",
+      best_mode="max", spike_factor=10.0))
+  c.progress = True  # meta-training progress: a bar on a terminal, a closing line in a log
 
   f = c.fewshot = ml_collections.ConfigDict()
   f.backbone = "towers"  # towers (pretrained two-tower model) | conv4 (trained from scratch)

@@ -1,10 +1,11 @@
 """Ctrl-C that keeps the work: the first SIGINT asks a training loop to save and stop at
 the end of the current step; a second one interrupts at once.
 
-Training loops (`fszjax.pretrain.train`, `fszjax.fewshot.adapt.meta_train`) poll
-`StopRequest.requested` at every step boundary, save a checkpoint there (the state and the
-data iterator agree: no batch is skipped or repeated) and raise `KeyboardInterrupt`, which
-the CLI turns into exit status 130, so a calling shell script (`launch/local.sh`) stops too.
+The shared training loop (`fszjax.loop.TrainLoop`, which runs `fszjax.pretrain.train` and
+`fszjax.fewshot.meta_loop.meta_train`) polls `StopRequest.requested` at every step
+boundary, saves a checkpoint there (the state and the data iterator agree: no batch is
+skipped or repeated) and raises `KeyboardInterrupt`, which the CLI turns into exit status
+130, so a calling shell script (`launch/local.sh`) stops too.
 Rerunning the same command resumes from that step.
 
 Only in a single-process job and from the main thread: in a multi-process job the

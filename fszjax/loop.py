@@ -132,17 +132,14 @@ def diverged(e: TrainingDiverged, ckpt, last_ok: int, hint: LrHint) -> TrainingD
   return TrainingDiverged(f"{e}: training diverged; {aside}{how}", e.loss, e.step)
 
 
-def make_checkpointer(directory: str, ccfg, *, async_save: bool | None = None,
-                      best: bool = True) -> checkpoint.Checkpointer:
-  """The `Checkpointer` of a ``config.checkpoint`` section: ``save_every``, ``keep``, and
-  (optional: `fszjax adapt` configs give only the first three) ``on_save_error``,
-  ``best_metric`` / ``best_mode`` (with ``best``), ``async_save`` (unless given)."""
+def make_checkpointer(directory: str, ccfg) -> checkpoint.Checkpointer:
+  """The `Checkpointer` of a ``config.checkpoint`` section (``save_every``, ``keep``,
+  ``best_metric`` ("" = no best-checkpoint tracking), ``best_mode``, ``async_save``,
+  ``on_save_error``; every key in `fszjax.config_defaults`, pretraining and adapt)."""
   return checkpoint.Checkpointer(
       directory, save_every=int(ccfg.save_every), keep=int(ccfg.keep),
-      best_metric=(ccfg.get("best_metric", None) or None) if best else None,
-      best_mode=ccfg.get("best_mode", "max"),
-      async_save=ccfg.get("async_save", True) if async_save is None else async_save,
-      on_save_error=ccfg.get("on_save_error", "stop"))
+      best_metric=ccfg.best_metric or None, best_mode=ccfg.best_mode,
+      async_save=ccfg.async_save, on_save_error=ccfg.on_save_error)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,12 +194,11 @@ class TrainLoop:
   `metrics_dir` (process 0). Use: `restore`, then `run`."""
 
   def __init__(self, name: str, ckpt_dir: str, metrics_dir: str, ccfg, hint: LrHint, *,
-               async_save: bool | None = None, best: bool = True, progress: bool = True,
-               desc: str = "pretrain"):
+               progress: bool = True, desc: str = "pretrain"):
     self.name, self.metrics_dir, self.hint = name, metrics_dir, hint
     self.is_main = jax.process_index() == 0
-    self.ckpt = make_checkpointer(ckpt_dir, ccfg, async_save=async_save, best=best)
-    self.spike_factor = float(ccfg.get("spike_factor", 10.0))
+    self.ckpt = make_checkpointer(ckpt_dir, ccfg)
+    self.spike_factor = float(ccfg.spike_factor)
     self.progress_enabled, self.desc = bool(progress), desc
     self.writer: metrics_lib.MetricWriter | None = None
     self.monitor = LossMonitor(self.spike_factor)
@@ -226,6 +222,7 @@ class TrainLoop:
       if self.is_main:
         log.info("resumed %s at step %d", self.name, start)
     self.writer.truncate_after(start)  # rows a crashed or diverged run logged past `start`
+    # The losses logged up to `start` (metrics.jsonl rows, not a config: keys vary by row).
     history = [r["loss"] for r in metrics_lib.read_jsonl(self.writer.path)
                if "loss" in r and r.get("step", 0) <= start] if jax.process_count() == 1 and start else []
     self.monitor = LossMonitor(self.spike_factor, start=start, history=history)

@@ -71,15 +71,15 @@ def train(config, workdir: str, *, stop_at: int | None = None) -> dict:
 def _check_inputs(config) -> None:
   """Fail fast: the ``init_from`` checkpoint and every dataset split the config names
   (training and evaluation) are checked before the model is built."""
-  src = config.get("init_from", "")
+  src = config.init_from
   if src:
     try:
       checkpoint.step_dirs(src)
     except checkpoint.CheckpointError as e:
       raise checkpoint.CheckpointError(f"config.init_from={src}: {e}") from None
-  ecfg = config.get("eval", None)
-  splits = list(ecfg.get("splits", ()) if ecfg is not None else ()) or list(
-      config.data.get("eval_splits", ()) or ())
+  # The data section is free-form (fszjax/data/defaults.py, not filled at load): a saved
+  # config's may lack eval_splits.
+  splits = list(config.eval.splits) or list(config.data.get("eval_splits", ()) or ())
   if splits:  # the final evaluation always runs
     comp = sources.single_component(config.data)
     for split in splits:
@@ -218,5 +218,5 @@ def _finish(run: _Run, step: int, stopped_early: bool) -> dict:
         json.dump(summary, f, indent=2)
       metrics_lib.plot_report(os.path.join(workdir, "metrics.jsonl"),
                               os.path.join(workdir, "report.png"),
-                              title=f"{config.get('name', '')} ({config.loss})")
+                              title=f"{config.name} ({config.loss})")
   return summary

@@ -51,6 +51,28 @@ def test_adapt_configs_keep_their_values():
   assert conv.data.name == "glyphs" and conv.data.augment.affine is False
 
 
+@pytest.mark.parametrize("name", ADAPT)
+def test_adapt_checkpoint_section_has_the_loop_keys(name):
+  """The training loop reads the same ``checkpoint`` keys (and ``progress``) of both kinds
+  of config; meta-training's: synchronous saves, no best-checkpoint tracking."""
+  pre = config_defaults.pretrain_config(ml_collections.ConfigDict())
+  cfg = config_lib.load_config(_path(name))
+  assert set(cfg.checkpoint.keys()) == set(pre.checkpoint.keys())
+  c = cfg.checkpoint
+  assert (c.async_save, c.best_metric, c.best_mode, c.spike_factor, c.on_save_error) == (
+      False, "", "max", 10.0, "stop")
+  assert cfg.progress is True
+
+
+def test_meta_training_refuses_a_best_metric():
+  from fszjax.fewshot import episodes, meta_loop
+
+  cfg = config_lib.load_config(_path("glyphs_maml_conv4"), ["--config.checkpoint.best_metric=acc"])
+  with pytest.raises(episodes.AdaptError) as e:
+    meta_loop.meta_train(cfg, "unused", None, None, None, None)
+  assert "\n" not in str(e.value) and "config.checkpoint.best_metric='acc'" in str(e.value)
+
+
 def test_unknown_adapt_key_is_one_line_naming_the_closest(tmp_path):
   bad = tmp_path / "typo.py"
   bad.write_text(

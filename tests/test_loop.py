@@ -21,7 +21,8 @@ TOTAL = 8
 
 def _ccfg(**kw):
   """A ``config.checkpoint`` section: every step saved and kept, synchronously."""
-  c = dict(save_every=1, keep=100, async_save=False, on_save_error="stop", spike_factor=10.0)
+  c = dict(save_every=1, keep=100, async_save=False, on_save_error="stop", spike_factor=10.0,
+           best_metric="", best_mode="max")
   return ml_collections.ConfigDict({**c, **kw})
 
 

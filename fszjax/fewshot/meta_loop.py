@@ -36,10 +36,10 @@ def outer_optimizer(m) -> optax.GradientTransformation:
   ``outer_schedule='cosine'``, linear warmup over ``warmup_steps`` then cosine decay to 0
   at ``steps``."""
   lr = float(m.outer_lr)
-  schedule = m.get("outer_schedule", "constant")
+  schedule = m.outer_schedule
   if schedule == "cosine":
     total = max(int(m.steps), 1)
-    warmup = min(int(m.get("warmup_steps", 0)), total - 1)
+    warmup = min(int(m.warmup_steps), total - 1)
     lr = optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup, total, 0.0)
   elif schedule != "constant":
     raise AdaptError(f"config.fewshot.meta.outer_schedule={schedule!r}: use 'constant' or 'cosine'")
@@ -51,7 +51,7 @@ def local_devices(m) -> int:
   (``fewshot.meta.devices``: 0 = all, else at most that many). With several processes each
   runs the whole (identical) work on one device."""
   n = jax.local_device_count() if jax.process_count() == 1 else 1
-  want = int(m.get("devices", 0) or 0)
+  want = int(m.devices or 0)
   return min(n, want) if want else n
 
 
@@ -76,13 +76,17 @@ def meta_train(config, ckpt_dir: str, features_fn, mcfg: meta_lib.MetaConfig, me
   NaN or spiking loss it sets the suspect checkpoints aside and raises
   `loop.TrainingDiverged` naming the step a rerun resumes from. Returns the meta-params."""
   m = config.fewshot.meta
+  if config.checkpoint.best_metric:  # the meta job has no periodic evaluation to rank by
+    raise AdaptError(f"config.checkpoint.best_metric={config.checkpoint.best_metric!r}: "
+                     "meta-training has no evaluation metric to keep the best checkpoint "
+                     "by; drop that setting (leave it empty)")
   opt = outer_optimizer(m)
   mesh = _meta_mesh(m)
   step_fn = meta_lib.make_meta_step(features_fn, mcfg, opt, mesh=mesh, donate=False)
   train = loop_lib.TrainLoop(
       "meta-training", ckpt_dir, os.path.dirname(os.path.abspath(ckpt_dir)), config.checkpoint,
       loop_lib.LrHint(float(m.outer_lr), lr_key="fewshot.meta.outer_lr", warmup_key=None),
-      async_save=False, best=False, progress=config.get("progress", True), desc="meta-train")
+      progress=config.progress, desc="meta-train")
   state = {"step": jnp.zeros((), jnp.int32), "params": meta_params,
            "opt_state": opt.init(meta_params)}
   _, state = train.restore(
