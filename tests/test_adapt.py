@@ -122,10 +122,15 @@ def test_towers_protonet_meta_training(gdir, pretrained, tmp_path):
            "--config.fewshot.meta.train_setting=5way1shot", "--config.fewshot.meta.q_query=1",
            "--config.fewshot.meta.meta_batch=2", "--config.fewshot.meta.outer_lr=1e-2",
            "--config.log_every=1"]
-  r0 = adapt.run(_towers_cfg(gdir, pretrained, *extra, "--config.fewshot.meta.steps=0"),
-                 str(tmp_path / "p0"))
+  r0 = adapt.run(_towers_cfg(gdir, pretrained, *extra, "--config.fewshot.meta.steps=0",
+                            "--config.fewshot.transfer.enabled=True",
+                            "--config.fewshot.transfer.val_episodes=20"), str(tmp_path / "p0"))
   assert r0["methods"]["protonet_meta"] == r0["methods"]["protonet"]
   assert r0["methods"]["protonet_meta_zeroshot"] == r0["methods"]["zeroshot"]
+  # The two-tower methods on the (unchanged) re-encoded tower: same choices, same results.
+  assert r0["transfer_selection_meta"] == r0["transfer_selection"]
+  for m in ("tip_adapter", "proto_zs_adapt"):
+    assert r0["methods"][f"{m}_meta"] == r0["methods"][m]
   assert "anil" not in r0["methods"]
   wd = str(tmp_path / "p3")
   r3 = adapt.run(_towers_cfg(gdir, pretrained, *extra, "--config.fewshot.meta.steps=3"), wd)

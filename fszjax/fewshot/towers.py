@@ -76,10 +76,17 @@ def run_towers(config, workdir) -> dict:
   if meta_on:
     with metrics_lib.timed(f"meta-training ({fcfg.meta.algorithm}) of the image tower and its "
                            "evaluation", log):
-      meta = meta_towers(config, workdir, pre.model, model, params, encoder, train, data,
-                          scale, bias, samplers)
+      meta, meta_enc, meta_data = meta_towers(config, workdir, pre.model, model, params,
+                                              encoder, train, data, scale, bias, samplers)
     results["methods"].update(meta.pop("methods"))
     results.update(meta)
+    if transfer_on and fcfg.meta.algorithm == "protonet":
+      # Both towers on the meta-trained image tower: the same val-selected methods.
+      meta_train_data = dataclasses.replace(train, feats=image_feats(meta_enc, train.images))
+      tr = transfer_towers(config, meta_enc, data_cfg, templates, meta_train_data, meta_data,
+                           scale, bias, samplers)
+      results["methods"].update({f"{k}_meta": v for k, v in tr["methods"].items()})
+      results["transfer_selection_meta"] = tr["transfer_selection"]
   if dg_on:
     evals = {sp: data[sp] for sp in fcfg.dg.splits if sp in data}
     with metrics_lib.timed(f"domain generalisation (ERM, MLDG, WiSE-FT) on {list(evals)}", log):
@@ -201,7 +208,8 @@ def meta_towers(config, workdir, model_cfg, model, params, encoder, train: Split
   the support and query images of a task are always in different fonts), then re-encodes
   every evaluation split and reports, for ANIL & co., ``{alg}`` (zero-shot head adapted on
   the meta-trained tower) and ``{alg}_zeroshot``; for ProtoNets ``protonet_meta`` and
-  ``protonet_meta_zeroshot``."""
+  ``protonet_meta_zeroshot``. Returns ``(results, encoder of the meta-trained towers, the
+  re-encoded splits)``."""
   fcfg, m = config.fewshot, config.fewshot.meta
   mcfg = towers_meta_cfg(fcfg, scale, bias)
   features_fn = tower_features_fn(build_image_tower(model_cfg), m.algorithm, scale)
@@ -222,9 +230,9 @@ def meta_towers(config, workdir, model_cfg, model, params, encoder, train: Split
                                           "zeroshot": f"{m.algorithm}_zeroshot"})
   table = few_shot_table(meta_data, fcfg, scale, bias, config.seed, methods=tuple(names),
                          samplers=samplers)
-  return {"methods": {names[k]: v for k, v in table.items()},
-          "meta_training": {"steps": int(m.steps), "algorithm": m.algorithm,
-                            "train_setting": m.train_setting, "meta_batch": int(m.meta_batch),
-                            "wall_time_s": train_s},
-          "zeroshot_top1_meta": {sp: zeroshot_top1(d.feats, d)
-                                 for sp, d in meta_data.items()}}
+  out = {"methods": {names[k]: v for k, v in table.items()},
+         "meta_training": {"steps": int(m.steps), "algorithm": m.algorithm,
+                           "train_setting": m.train_setting, "meta_batch": int(m.meta_batch),
+                           "wall_time_s": train_s},
+         "zeroshot_top1_meta": {sp: zeroshot_top1(d.feats, d) for sp, d in meta_data.items()}}
+  return out, enc, meta_data
