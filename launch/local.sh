@@ -7,7 +7,8 @@
 # saves a checkpoint first); --fresh starts over; --readme also writes the run's results
 # table into README.md (off by default: a user's run leaves the README alone). The install
 # output goes to $VENV/install.log, not to the terminal. Environment: FSZJAX_VENV (.venv),
-# FSZJAX_RUN (runs/glyphs), FSZJAX_DATA (runs/data), PYTHON (python3). Extra arguments go
+# FSZJAX_RUN (runs/glyphs), FSZJAX_DATA (runs/data), PYTHON (python3), FSZJAX_CPU_ISA
+# (AVX2: the x86-64 instruction set XLA compiles for; native = XLA's choice). Extra arguments go
 # to every fszjax call (e.g. --cpu_devices 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,14 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   echo "   installed in $(( $(date +%s) - t )) s"
 fi
 export TF_CPP_MIN_LOG_LEVEL=3 PYTHONUNBUFFERED=1
+# XLA compiles for the CPU it runs on, and the same program built with AVX-512 and with
+# AVX2 rounds differently (measured in BUILD_NOTES, "Reproducible runs"), so two machines of
+# different CPU generations drift apart over a run. The main job pins the x86-64 ISA to
+# AVX2, which every such machine has: FSZJAX_CPU_ISA=native leaves it to XLA.
+ISA=${FSZJAX_CPU_ISA:-AVX2}
+if [[ "$(uname -m)" == x86_64 && "$ISA" != native ]]; then
+  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_cpu_max_isa=$ISA"
+fi
 FSZ=("$VENV/bin/fszjax" "${EXTRA[@]+"${EXTRA[@]}"}")
 if [[ $FRESH == 1 ]]; then rm -rf "$RUN"; fi
 mkdir -p "$RUN"
