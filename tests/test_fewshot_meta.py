@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,7 +74,7 @@ def test_maml_matches_unrolled_and_finite_differences():
   params, tasks = init_params(jax.random.key(0)), make_tasks(jax.random.key(1))
   grads, metrics = mgrad(params, tasks, CFG)
   hand = hand_grad(params, tasks, 2, 0.3)
-  np.testing.assert_allclose(flat(grads), flat(hand), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(grads, hand, rtol=1e-5, atol=1e-6)
   assert np.isfinite(float(metrics["loss"]))
   # Central finite differences in float64 along a random direction.
   with jax.enable_x64(True):
@@ -88,7 +89,7 @@ def test_maml_matches_unrolled_and_finite_differences():
     minus = jax.tree.map(lambda a, b: a - eps * b, p64, v)
     fd = (float(f(plus)) - float(f(minus))) / (2 * eps)
     np.testing.assert_allclose(float(flat(g64) @ flat(v)), fd, rtol=1e-6)
-  np.testing.assert_allclose(flat(grads), flat(g64), rtol=1e-4, atol=1e-5)
+  chex.assert_trees_all_close(grads, g64, rtol=1e-4, atol=1e-5)
 
 
 def test_fomaml_drops_second_order_terms():
@@ -96,14 +97,15 @@ def test_fomaml_drops_second_order_terms():
   cfg = dataclasses.replace(CFG, algorithm="fomaml")
   grads, _ = mgrad(params, tasks, cfg)
   hand = hand_grad(params, tasks, 2, 0.3, first_order=True)
-  np.testing.assert_allclose(flat(grads), flat(hand), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(grads, hand, rtol=1e-5, atol=1e-6)
   # First order = the query gradient at the adapted params.
   @jax.jit
   def at_adapted(task):
     adapted, _ = meta.adapt(features_fn, cfg, params, task)
     return jax.grad(loss)(adapted, task["query_x"], task["query_y"])
   per = [at_adapted(one(tasks, i)) for i in range(2)]
-  np.testing.assert_allclose(flat(grads), np.mean([flat(g) for g in per], 0), rtol=1e-5, atol=1e-6)
+  mean_per = jax.tree.map(lambda *g: np.mean(g, 0), *per)
+  chex.assert_trees_all_close(grads, mean_per, rtol=1e-5, atol=1e-6)
   second, _ = mgrad(params, tasks, CFG)
   assert not np.allclose(flat(second), flat(grads), atol=1e-4)
 
@@ -121,13 +123,14 @@ def test_reptile_update_is_mean_of_deltas():
       p = jax.tree.map(lambda a, b: a - 0.3 * b, p, jax.grad(loss)(p, x, y))
     return p
 
-  deltas = [flat(sgd3(params, tasks["support_x"][i], tasks["support_y"][i])) - flat(params)
-            for i in range(2)]
-  np.testing.assert_allclose(flat(new), flat(params) + eps * np.mean(deltas, 0), rtol=1e-5, atol=1e-6)
+  deltas = [jax.tree.map(np.subtract, sgd3(params, tasks["support_x"][i], tasks["support_y"][i]),
+                         params) for i in range(2)]
+  want = jax.tree.map(lambda p, *d: p + eps * np.mean(d, 0), params, *deltas)
+  chex.assert_trees_all_close(new, want, rtol=1e-5, atol=1e-6)
   # The same update through make_meta_step with optax.sgd(eps).
   step = meta.make_meta_step(features_fn, cfg, optax.sgd(eps), donate=False)
   stepped, _, _ = step(params, optax.sgd(eps).init(params), tasks)
-  np.testing.assert_allclose(flat(stepped), flat(new), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(stepped, new, rtol=1e-5, atol=1e-6)
 
 
 def test_metasgd_learning_rates_get_gradients():
@@ -138,19 +141,19 @@ def test_metasgd_learning_rates_get_gradients():
     assert np.all(np.isfinite(g)) and np.any(np.abs(g) > 0)
   # With every per-parameter rate equal, Meta-SGD's parameter gradient equals MAML's.
   maml_g, _ = mgrad(mp["params"], make_tasks(jax.random.key(7)), CFG)
-  np.testing.assert_allclose(flat(grads["params"]), flat(maml_g), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(grads["params"], maml_g, rtol=1e-5, atol=1e-6)
 
 
 def test_anil_adapts_only_the_head():
   params, tasks = init_params(jax.random.key(8)), make_tasks(jax.random.key(9))
   cfg = dataclasses.replace(CFG, algorithm="anil")
   adapted, _ = jax.jit(lambda p, t: meta.adapt(features_fn, cfg, p, t))(params, one(tasks, 0))
-  np.testing.assert_array_equal(flat(adapted["backbone"]), flat(params["backbone"]))
+  chex.assert_trees_all_equal(adapted["backbone"], params["backbone"])
   assert not np.allclose(flat(adapted["head"]), flat(params["head"]))
   # Same as MAML with a head-only mask (the backbone still gets a meta-gradient).
   g_anil, _ = mgrad(params, tasks, cfg)
   g_mask, _ = mgrad(params, tasks, dataclasses.replace(CFG, adapt="head"))
-  np.testing.assert_allclose(flat(g_anil), flat(g_mask), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(g_anil, g_mask, rtol=1e-5, atol=1e-6)
   assert np.any(np.abs(flat(g_anil["backbone"])) > 0)
 
 
@@ -209,7 +212,7 @@ def test_chunked_equals_vmapped(algorithm):
   cfg = dataclasses.replace(CFG, algorithm=algorithm, remat=True)
   g0, m0 = mgrad(params, tasks, cfg)
   g2, m2 = mgrad(params, tasks, dataclasses.replace(cfg, task_chunk=2, remat=False))
-  np.testing.assert_allclose(flat(g0), flat(g2), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(g0, g2, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(m0["loss"], m2["loss"], rtol=1e-5)
   with pytest.raises(ValueError, match="task_chunk=3"):
     meta.meta_grad(params, tasks, features_fn=features_fn,

@@ -4,6 +4,7 @@ Needs neither PyTorch nor open_clip."""
 
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,8 +64,7 @@ def test_load_accepts_checkpoint_paths(workdir):
   a = fszjax.load(out).params
   for p in (os.path.join(out, "checkpoints"), os.path.join(out, "checkpoints", "0")):
     b = fszjax.load(p).params
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(a, b)
 
 
 def test_load_errors_name_the_fix(tmp_path, workdir):

@@ -4,6 +4,7 @@ and logits for converted models, export -> open_clip -> import round trips, bad 
 import json
 import os
 
+import chex
 import numpy as np
 import pytest
 
@@ -110,8 +111,7 @@ def test_converted_dir_restores_like_eval_and_init_from(tiny):
   flat = common.flatten(ckpt_lib.load_params_numpy(out))
   restored = common.flatten(jax_tree_to_numpy(state.params))
   assert set(flat) == set(restored)
-  for k in flat:
-    np.testing.assert_array_equal(flat[k], restored[k])
+  chex.assert_trees_all_equal(flat, restored)
   # config.init_from=<converted dir> copies every param.
   init, n = pretrain.init_params_from(state, out)
   assert n == len(flat)
@@ -191,9 +191,7 @@ def test_export_loads_in_open_clip_and_reimports_bitwise(tmp_path):
   again = common.flatten(ckpt_lib.load_params_numpy(back))
   orig = common.unstack_blocks(flat)  # the import writes the unscanned layout
   assert set(again) == set(orig)
-  for k in orig:
-    assert again[k].dtype == orig[k].dtype
-    np.testing.assert_array_equal(again[k], orig[k], err_msg=k)
+  chex.assert_trees_all_equal(again, orig, strict=True)  # strict: dtypes and shapes equal too
   # Exporting the re-imported directory gives the same tensors, bit for bit.
   res2 = oc.export_workdir(back, str(tmp_path / "export2"))
   a, b = common.read_safetensors(res["weights"]), common.read_safetensors(res2["weights"])

@@ -1,5 +1,6 @@
 """Chunked (sharded) contrastive losses against their dense references."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,8 +47,7 @@ def test_chunked_siglip_equals_dense(shape):
   f = lambda a, c, s, bb: losses.siglip_loss_chunked(a, c, s, bb, mesh)
   v2, g2 = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(zi, zt, t, b)
   np.testing.assert_allclose(float(v2), float(v1), rtol=1e-5)
-  for a, c in zip(g1, g2):
-    np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(g2, g1, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", MESHES)
@@ -59,8 +59,7 @@ def test_chunked_clip_equals_dense(shape):
   f = lambda a, c, s: losses.clip_loss_chunked(a, c, s, mesh)
   v2, g2 = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(zi, zt, t)
   np.testing.assert_allclose(float(v2), float(v1), rtol=1e-5)
-  for a, c in zip(g1, g2):
-    np.testing.assert_allclose(np.asarray(c), np.asarray(a), rtol=1e-4, atol=1e-6)
+  chex.assert_trees_all_close(g2, g1, rtol=1e-4, atol=1e-6)
 
 
 def _temp_bytes(fn, n, b=64, d=32):

@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,6 +79,26 @@ def test_vit_pooling_shapes_and_semantics(pool):
     assert out.shape == (2, 16, 32)
 
 
+def test_tower_input_checks_at_trace_time():
+  """Misused inputs fail at the tower boundary, under jit too: a 3-D image batch, raw uint8
+  pixels, (L,) or float tokens."""
+  m = vit.ViT(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, embed_dim=16)
+  x = jnp.zeros((2, 16, 16, 1))
+  params = m.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"images must be \(B, H, W, C\)"):
+    m.apply(params, x[0])
+  with pytest.raises(AssertionError, match="assert_type"):
+    jax.jit(m.apply)(params, x.astype(jnp.uint8))
+  t = _text_tower()
+  toks = jnp.ones((2, 8), jnp.int32)
+  tparams = t.init(jax.random.key(0), toks)
+  with pytest.raises(ValueError, match=r"tokens must be \(B, L\)"):
+    t.apply(tparams, toks[0])
+  with pytest.raises(AssertionError, match="assert_type"):
+    jax.jit(t.apply)(tparams, toks.astype(jnp.float32))
+  assert jax.jit(t.apply)(tparams, toks)[0].shape == (2, 16)
+
+
 def test_variants_parse():
   assert vit.parse_variant("B/16") == ((768, 12, 3072, 12), 16)
   assert vit.parse_variant("So400m/14")[0][0] == 1152
@@ -130,8 +151,7 @@ def test_every_param_has_logical_axes_and_scan_matches_loop():
   x = jax.random.normal(jax.random.key(2), (2, 16, 16, 1))
   out = model.apply({"params": p}, x, tok)
   out_s = model_s.apply({"params": ps}, x, tok)
-  np.testing.assert_allclose(out[0], out_s[0], atol=1e-5)
-  np.testing.assert_allclose(out[1], out_s[1], atol=1e-5)
+  chex.assert_trees_all_close(out[:2], out_s[:2], atol=1e-5, rtol=1e-7)  # numpy's default rtol
 
 
 def test_bf16_compute_keeps_fp32_params():
@@ -166,9 +186,8 @@ def test_layer_norm_equals_flax_layer_norm_with_gradients():
   ct = jax.random.normal(jax.random.key(3), x.shape)
   f = lambda m: lambda p, x: jnp.sum(m.apply(p, x) * ct)
   np.testing.assert_allclose(ours.apply(p, x), theirs.apply(p, x), atol=2e-6)
-  for a, b in zip(jax.tree.leaves(jax.grad(f(ours), argnums=(0, 1))(p, x)),
-                  jax.tree.leaves(jax.grad(f(theirs), argnums=(0, 1))(p, x))):
-    np.testing.assert_allclose(a, b, atol=5e-5)
+  chex.assert_trees_all_close(jax.grad(f(ours), argnums=(0, 1))(p, x),
+                              jax.grad(f(theirs), argnums=(0, 1))(p, x), atol=5e-5, rtol=1e-7)
 
 
 @pytest.mark.parametrize("causal", [False, True])

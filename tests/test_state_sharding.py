@@ -5,11 +5,12 @@ replicated optimizer-state layout restore onto the new one."""
 import os
 import re
 
+import chex
 import jax
 import numpy as np
 
 from fszjax import checkpoint, pretrain, sharding
-from helpers import max_abs_diff, mesh_of, random_batch, tiny_config
+from helpers import mesh_of, random_batch, tiny_config
 
 # A glyphs config with a wider model: several leaves (MLP kernels, token embedding and
 # their Adam moments) are larger than 1 MB.
@@ -157,7 +158,7 @@ def test_checkpoint_with_replicated_opt_state_restores_onto_sharded_layout(tmp_p
   restored_step, restored = checkpoint.Checkpointer(
       os.path.join(tmp_path, "ck"), read_only=True).restore(abstract)
   assert restored_step == 1
-  assert max_abs_diff(expected, jax.tree.map(np.asarray, restored)) == 0.0
+  chex.assert_trees_all_equal(expected, jax.tree.map(np.asarray, restored))
   assert max(float(np.abs(x).max()) for x in jax.tree.leaves(expected.opt_state)) > 0
   _check_opt_specs_equal_param_specs(restored)
   assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(restored.opt_state))

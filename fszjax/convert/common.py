@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import ml_dtypes
 import numpy as np
-from flax import linen as nn
+from flax import linen as nn, traverse_util
 
 from fszjax import checkpoint as ckpt_lib, config as config_lib, config_defaults, pretrain, sharding
 from fszjax.data import defaults
@@ -212,28 +212,14 @@ def read_npz(path: str) -> Flat:
 # ----------------------------------------------------------------------------- trees
 
 
-def flatten(tree: Mapping, prefix: str = "") -> Flat:
+def flatten(tree: Mapping) -> Flat:
   """Nested dict -> ``{"a/b/c": leaf}``."""
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(flatten(v, key + "/"))
-    else:
-      out[key] = v
-  return out
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict:
   """``{"a/b/c": leaf}`` -> nested dict."""
-  out: dict = {}
-  for k, v in flat.items():
-    node = out
-    parts = k.split("/")
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = v
-  return out
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 _BLOCK = re.compile(r"^(.*)/encoder/block_(\d+)/(.*)$")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -92,7 +93,8 @@ class TextTower(nn.Module):
   def __call__(self, tokens, return_hidden: bool = False):
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be (B, L), got shape {tokens.shape}")
-    _, length = tokens.shape
+    chex.assert_type(tokens, int)  # token ids (the tokenizer's int32), not embeddings or floats
+    batch, length = tokens.shape
     if length > self.max_len:
       raise ValueError(f"token length {length} exceeds the text tower's max_len {self.max_len}")
     x = _TokenEmbed(self.vocab_size, self.width, self.dtype, self.param_dtype,
@@ -110,6 +112,7 @@ class TextTower(nn.Module):
     if self.embed_dim is not None:
       pooled = common.projection(self.embed_dim, self.proj_bias, self.dtype, self.param_dtype,
                                  "head")(pooled)
+    chex.assert_shape(pooled, (batch, self.width if self.embed_dim is None else self.embed_dim))
     extras = {"features": features}
     if return_hidden:
       extras["tokens"] = x

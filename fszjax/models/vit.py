@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
@@ -91,6 +92,7 @@ class ViT(nn.Module):
   def __call__(self, images):
     if images.ndim != 4:
       raise ValueError(f"images must be (B, H, W, C), got shape {images.shape}")
+    chex.assert_type(images, float)  # normalised pixels, not raw uint8 (see inference.preprocess)
     if self.stem:
       x = ConvStem(tuple(self.stem), self.patch_size, self.width, ln_eps=self.ln_eps,
                    dtype=self.dtype, param_dtype=self.param_dtype, name="stem")(images)
@@ -145,4 +147,6 @@ class ViT(nn.Module):
     if self.embed_dim is not None:
       pooled = common.projection(self.embed_dim, self.proj_bias, self.dtype, self.param_dtype,
                                  "head")(pooled)
+    out_dim = d if self.embed_dim is None else self.embed_dim
+    chex.assert_shape(pooled, (b, n, out_dim) if self.pool == "none" else (b, out_dim))
     return pooled, {"features": features, "tokens": tokens}
