@@ -10,9 +10,11 @@ dataset). Another dataset: ``--config.data.name=cifar100`` (TFDS),
 ``--config.data.name=glyphs --config.data.data_dir=DIR``; the splits default to the
 dataset's test splits (``--config.fewshot.splits=[...]`` to choose).
 
-Every key and its default (the values of this config: zero-shot head adaptation, ANIL
-meta-training of the image tower from the zero-shot head, the two-tower transfer methods
-and domain generalisation) are in fszjax/config_defaults.py (`adapt_config`).
+Every key and its default (the values of this config: zero-shot head adaptation,
+ProtoNets meta-training of the whole image tower on cross-font tasks, the two-tower
+transfer methods on the frozen and on the meta-trained tower, and domain generalisation)
+are in fszjax/config_defaults.py (`adapt_config`); ``--config.fewshot.meta.algorithm=anil``
+meta-trains from the zero-shot head instead.
 """
 
 from fszjax import config_defaults

@@ -4,8 +4,8 @@ with its meaning.
 `pretrain_config(data)` is the base that every pretraining config in `configs/` starts
 from; a config file changes only what differs (``configs/siglip_b16.py`` sets the B/16
 shapes, batch and mesh; ``configs/clip_b16.py`` starts from ``siglip_b16`` in turn). The
-values here are those of the embedded default, ``configs/glyphs.py`` (a tiny model sized
-for 2 CPU cores). `adapt_config(data)` is the same for `fszjax adapt` and `fszjax bench
+values here are a tiny model sized for 2 CPU cores; the embedded default,
+``configs/glyphs.py``, changes only its pooling and its number of steps. `adapt_config(data)` is the same for `fszjax adapt` and `fszjax bench
 adapt` (``configs/glyphs_fewshot.py``, ``configs/glyphs_maml_conv4.py``).
 `fszjax.config` validates every loaded config against these keys and fills the keys a
 saved config.json lacks (`SAVED_WITHOUT`). The data section comes from
@@ -112,20 +112,26 @@ def pretrain_config(data: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 
 def _meta_section() -> ml_collections.ConfigDict:
-  """``fewshot.meta`` of `adapt_config`: meta-training. Towers: of the image tower from
-  the zero-shot head (ANIL: the head adapts with head_steps x head_lr SGD in the inner loop,
-  the tower learns in the outer loop), evaluated as method 'anil' (and 'anil_zeroshot') on
-  the re-encoded splits. Conv-4: the whole network from scratch (any algorithm of
-  `fszjax.fewshot.meta`)."""
+  """``fewshot.meta`` of `adapt_config`: meta-training. Towers: of the whole image tower,
+  by ProtoNets (evaluated as 'protonet_meta', 'protonet_meta_zeroshot' and, with
+  ``fewshot.transfer``, the two-tower methods '*_meta' on the re-encoded splits) or from
+  the zero-shot head (ANIL / MAML / FOMAML: the head adapts with head_steps x head_lr SGD in
+  the inner loop, the tower learns in the outer loop; method 'anil' and 'anil_zeroshot').
+  Conv-4: the whole network from scratch (any algorithm of `fszjax.fewshot.meta`)."""
   m = ml_collections.ConfigDict()
   m.enabled = True  # towers: meta-train the image tower (Conv-4 always meta-trains)
-  # maml | fomaml | reptile | anil | metasgd | protonet (towers: anil, maml, fomaml)
-  m.algorithm = "anil"
+  # maml | fomaml | reptile | anil | metasgd | protonet (towers: protonet, anil, maml,
+  # fomaml). Towers: ProtoNets trains the whole image tower on the metric it is evaluated
+  # with; it beat ANIL from the zero-shot head on every split (BUILD_NOTES.md, "Transfer:
+  # second round").
+  m.algorithm = "protonet"
   m.adapt = "head"  # what the inner loop adapts: head | all (towers: head only)
-  m.train_setting = "5way5shot"  # the "NwayKshot" tasks meta-trained on
-  m.q_query = 5  # query examples per class of a meta-training task
+  # The "NwayKshot" tasks meta-trained on. A Glyphs class has one image per font, so the
+  # support and query images of a task are always in different fonts.
+  m.train_setting = "20way1shot"
+  m.q_query = 2  # query examples per class of a meta-training task
   m.meta_batch = 4  # tasks per outer step
-  m.steps = 100  # outer steps
+  m.steps = 150  # outer steps
   m.outer_lr = 3e-4  # Adam (SGD for Reptile) step size of the outer loop
   m.outer_schedule = "constant"  # constant | cosine (linear warmup, then decay to 0 at steps)
   m.warmup_steps = 0  # outer_schedule=cosine: warmup length

@@ -35,7 +35,8 @@ def test_adapt_configs_keep_their_values():
   """The values the adapt configs held before they derived from the defaults."""
   few = config_lib.load_config(_path("glyphs_fewshot"))
   assert few.fewshot.backbone == "towers" and few.fewshot.episode_batch == 200
-  assert few.fewshot.meta.algorithm == "anil" and few.fewshot.meta.adapt == "head"
+  assert few.fewshot.meta.algorithm == "protonet" and few.fewshot.meta.adapt == "head"
+  assert few.fewshot.meta.train_setting == "20way1shot" and few.fewshot.meta.q_query == 2
   assert few.fewshot.meta.outer_lr == 3e-4 and few.fewshot.meta.remat is False
   assert few.checkpoint.save_every == 50 and few.data.name is None
   conv = config_lib.load_config(_path("glyphs_maml_conv4"))
