@@ -119,10 +119,11 @@ def test_divergence_before_any_good_checkpoint_starts_over(tmp_path):
 
 def test_ctrl_c_saves_the_step_then_raises_and_the_rerun_resumes(straight, tmp_path):
   wd = str(tmp_path)
+  before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a pytest-xdist worker
   with pytest.raises(KeyboardInterrupt):
     _train(wd, _make_step(sigint_at=3), ccfg=_ccfg(save_every=100))
   assert max(_steps(wd)) == 3  # saved where it stopped, off the save schedule
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+  assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
   start, out = _train(wd, _make_step())
   assert start == 3 and not out.stopped
   np.testing.assert_array_equal(np.asarray(out.state["w"]), straight[0])
