@@ -1,5 +1,7 @@
 """Shared test utilities: tiny configs, random batches, mesh helpers."""
 
+import os
+
 import jax
 import numpy as np
 
@@ -24,6 +26,19 @@ TINY = [
 
 def tiny_config(*extra):
   return config_lib.load_config("configs/glyphs.py", TINY + list(extra))
+
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def config_file_on(path, base: str, *lines: str) -> str:
+  """Writes a config file at `path` whose ``get_config`` imports ``configs/<base>.py`` as
+  Python and runs `lines` (statements on ``c``, e.g. ``"c.optim.lr = 1.0"``) on its config."""
+  body = "".join(f"  {line}\n" for line in lines)
+  with open(path, "w") as f:
+    f.write(f"import sys\nsys.path.insert(0, {CONFIGS!r})\nimport {base}\n\n"
+            f"def get_config(arg=None):\n  c = {base}.get_config()\n{body}  return c\n")
+  return str(path)
 
 
 def random_batch(cfg, seed=0, batch=None):

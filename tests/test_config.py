@@ -5,6 +5,7 @@ import os
 import pytest
 
 from fszjax import cli, config as config_lib
+from helpers import config_file_on
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,15 +105,12 @@ def test_configs_import_siblings_as_python(tmp_path):
 
 
 def test_config_file_with_unknown_key_names_the_closest(tmp_path):
-  bad = tmp_path / "typo.py"
-  bad.write_text(
-      f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'configs')!r})\nimport glyphs\n\n"
-      "def get_config(arg=None):\n  c = glyphs.get_config()\n"
-      "  c.optim.warmup_step = 10\n  c.data.anything = 1\n  return c\n")
+  bad = config_file_on(tmp_path / "typo.py", "glyphs", "c.optim.warmup_step = 10",
+                       "c.data.anything = 1")
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.load_config(str(bad))
+    config_lib.load_config(bad)
   msg = str(e.value)
   assert "unknown config key config.optim.warmup_step" in msg and "\n" not in msg
   assert "did you mean config.optim.warmup_steps?" in msg
-  bad.write_text(bad.read_text().replace("  c.optim.warmup_step = 10\n", ""))
-  assert config_lib.load_config(str(bad)).data.anything == 1  # data: a free-form section
+  ok = config_file_on(tmp_path / "ok.py", "glyphs", "c.data.anything = 1")
+  assert config_lib.load_config(ok).data.anything == 1  # data: a free-form section

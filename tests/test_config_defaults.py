@@ -9,6 +9,7 @@ import ml_collections
 import pytest
 
 from fszjax import config as config_lib, config_defaults
+from helpers import config_file_on
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADAPT = ["glyphs_fewshot", "glyphs_maml_conv4"]
@@ -75,13 +76,9 @@ def test_meta_training_refuses_a_best_metric():
 
 
 def test_unknown_adapt_key_is_one_line_naming_the_closest(tmp_path):
-  bad = tmp_path / "typo.py"
-  bad.write_text(
-      f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'configs')!r})\n"
-      "import glyphs_maml_conv4\n\ndef get_config(arg=None):\n"
-      "  c = glyphs_maml_conv4.get_config()\n  c.fewshot.meta.inner_step = 3\n  return c\n")
+  bad = config_file_on(tmp_path / "typo.py", "glyphs_maml_conv4", "c.fewshot.meta.inner_step = 3")
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.load_config(str(bad))
+    config_lib.load_config(bad)
   msg = str(e.value)
   assert "\n" not in msg and "unknown config key config.fewshot.meta.inner_step" in msg
   assert "did you mean config.fewshot.meta.inner_steps?" in msg and "adapt_config" in msg
