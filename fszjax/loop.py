@@ -269,8 +269,8 @@ class TrainLoop:
     state, metrics = job.step(state, step)
     self.steps_since += 1
     progress.update(1)
-    row = self._log_row(step, metrics, job, progress) if (
-        step % int(job.log_every) == 0 or step == total) else None
+    logged = step % int(job.log_every) == 0 or step == total
+    row = self._log_row(step, metrics, job, progress) if logged else None
     eval_metrics = None
     if job.evaluate is not None and job.eval_every and (step % job.eval_every == 0
                                                         or step == total):
@@ -281,8 +281,10 @@ class TrainLoop:
       self.writer.write(step, row)
     end = step_end(self.ckpt, step, total, stop_request, job.stop_at)
     if end.save:
-      # Never save while the loss spikes: the checkpoint would be kept as "good".
-      self.monitor.check(float(jax.device_get(metrics["loss"])), step)
+      # Never save while the loss spikes: the checkpoint would be kept as "good". A logged
+      # step's loss was fetched and checked already (once: the check records it).
+      if not logged:
+        self.monitor.check(float(jax.device_get(metrics["loss"])), step)
       self.ckpt.save(step, state, **job.save_items, metrics=eval_metrics, force=True)
     return state, end
 

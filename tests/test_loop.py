@@ -144,3 +144,24 @@ def test_evaluation_goes_into_rows_and_best_checkpoint(tmp_path):
   rows = {r["step"]: r for r in _rows(wd)}
   assert rows[4]["eval/score"] == 0 and "eval/score" not in rows[3] and "loss" in rows[4]
   assert _steps(wd) == [4, 7, 8]  # the best (4) and the latest two kept, the rest rotated out
+
+
+def test_each_step_loss_is_checked_once(tmp_path, monkeypatch):
+  """A step that is logged and saved feeds its loss to the divergence monitor once, so
+  the median of recent losses is not weighted towards save steps; unlogged save steps are
+  still checked before saving."""
+  seen = []
+  real = loop.LossMonitor.check
+  monkeypatch.setattr(loop.LossMonitor, "check",
+                      lambda self, loss, step: (seen.append(step), real(self, loss, step)))
+  _train(str(tmp_path / "a"), _make_step())  # log_every=1, save_every=1
+  assert seen == list(range(1, TOTAL + 1))
+  seen.clear()
+  tl = loop.TrainLoop("toy training", str(tmp_path / "b" / "checkpoints"), str(tmp_path / "b"),
+                      _ccfg(save_every=3), loop.LrHint(0.1), progress=False)
+  _, state = tl.restore({"w": jnp.ones(4, jnp.float32)},
+                        lambda: {"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+  tl.run(state, loop.Job(step=_make_step(), log_row=_log_row, total=TOTAL, log_every=4))
+  saved = _steps(str(tmp_path / "b"))
+  assert {3, 6, 8} <= set(saved) and 4 not in saved
+  assert seen == sorted(set(saved) | {4, 8})  # each logged or saved step once
