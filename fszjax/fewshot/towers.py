@@ -68,9 +68,10 @@ def run_towers(config, workdir) -> dict:
   if dg_on or meta_on or transfer_on:  # loaded once for all
     train = split_data(encoder, data_cfg, data_cfg.train_split, templates,
                         fcfg.max_train_examples or None, keep_images=meta_on)
-  if transfer_on:
-    tr = transfer_towers(config, encoder, data_cfg, templates, train, data, scale, bias,
-                          samplers)
+  if transfer_on:  # the selection split, loaded once (re-encoded for a meta-trained tower)
+    val = split_data(encoder, data_cfg, fcfg.transfer.val_split, templates, None,
+                     keep_images=meta_on)
+    tr = transfer_towers(config, train, val, data, scale, bias, samplers)
     results["methods"].update(tr.pop("methods"))
     results.update(tr)
   if meta_on:
@@ -82,9 +83,8 @@ def run_towers(config, workdir) -> dict:
     results.update(meta)
     if transfer_on and fcfg.meta.algorithm == "protonet":
       # Both towers on the meta-trained image tower: the same val-selected methods.
-      meta_train_data = dataclasses.replace(train, feats=image_feats(meta_enc, train.images))
-      tr = transfer_towers(config, meta_enc, data_cfg, templates, meta_train_data, meta_data,
-                           scale, bias, samplers)
+      tr = transfer_towers(config, reencoded(meta_enc, train), reencoded(meta_enc, val),
+                           meta_data, scale, bias, samplers)
       results["methods"].update({f"{k}_meta": v for k, v in tr["methods"].items()})
       results["transfer_selection_meta"] = tr["transfer_selection"]
   if dg_on:
@@ -98,15 +98,20 @@ def _domain_keys(d: SplitData) -> np.ndarray:
   return np.asarray(d.domain_names) if d.domain_names is not None else np.asarray(d.domains)
 
 
-def transfer_towers(config, encoder, data_cfg, templates, train: SplitData,
-                     data: dict[str, SplitData], scale: float, bias: float,
-                     samplers: dict) -> dict:
-  """`fszjax.fewshot.transfer`'s methods on the frozen features: hyper-parameters chosen per
+def reencoded(encoder, d: SplitData) -> SplitData:
+  """`d` with the image features of `encoder` (its text classifier is the text tower's,
+  which meta-training of the image tower leaves as it is)."""
+  return dataclasses.replace(d, feats=image_feats(encoder, d.images))
+
+
+def transfer_towers(config, train: SplitData, val: SplitData, data: dict[str, SplitData],
+                    scale: float, bias: float, samplers: dict) -> dict:
+  """`fszjax.fewshot.transfer`'s methods on the splits' features (of the frozen or of the
+  meta-trained tower; `val` and `train` encoded by the same one): hyper-parameters chosen per
   setting on ``val`` (queries: val's held-out examples; supports: train examples of the
   same characters in other fonts), then evaluated on the same episodes as the other
   methods. Returns ``{"methods": ..., "transfer_selection": {setting: chosen}}``."""
   fcfg, tcfg = config.fewshot, config.fewshot.transfer
-  val = split_data(encoder, data_cfg, tcfg.val_split, templates, None)
   name_to_train = {n: i for i, n in enumerate(train.class_names)}
   vy = np.asarray([name_to_train.get(val.class_names[int(l)], -1) for l in val.labels])
   keep = np.nonzero(vy >= 0)[0]
@@ -224,8 +229,7 @@ def meta_towers(config, workdir, model_cfg, model, params, encoder, train: Split
   train_s = time.perf_counter() - t0
   enc = evaluate.EmbeddingEncoder(model, {**params, "img": meta_params["backbone"]}, encoder.tokenizer,
                          max_len=encoder.max_len)
-  meta_data = {sp: dataclasses.replace(d, feats=image_feats(enc, d.images))
-               for sp, d in data.items()}
+  meta_data = {sp: reencoded(enc, d) for sp, d in data.items()}
   names = _META_METHODS.get(m.algorithm, {"zs_head_adapt": m.algorithm,
                                           "zeroshot": f"{m.algorithm}_zeroshot"})
   table = few_shot_table(meta_data, fcfg, scale, bias, config.seed, methods=tuple(names),
