@@ -16,9 +16,9 @@ def get_config(arg=None):
   del arg
   c = config_defaults.pretrain_config(glyphs_data_config())
   # The tiny default's differences from the base (BUILD_NOTES.md, "Transfer: second round"):
-  # mean pooling of the tokens (higher zero-shot and ProtoNets accuracy than the MAP head at
-  # 500 steps, and a cheaper step), and 1000 steps (zero-shot test_classes 43.9 vs 29.5 %
-  # at 500; the loss is still falling).
+  # mean pooling of the tokens (higher zero-shot accuracy than the MAP head at 500 steps,
+  # and higher ProtoNets accuracy in 6 of 8 cells), and 1000 steps (zero-shot test_classes
+  # 43.9 vs 29.5 % at 500 with MAP; the loss is still falling).
   c.model.image.pool = "gap"
   c.total_steps = 1000
   c.eval_every = 250
