@@ -144,8 +144,7 @@ def _prepare(config, workdir: str) -> _Run:
   if is_main:  # the tokenizer travels with the workdir: config.json points at its copy
     saved = config.copy_and_resolve_references()
     with saved.data.tokenizer.ignore_type():
-      saved.data.tokenizer.path = tokenizer_lib.copy_to_workdir(
-          vocab.get_tokenizer(config.data), workdir)
+      saved.data.tokenizer.path = tokenizer_lib.copy_to_workdir(tokenizer, workdir)
     config_lib.save_config(saved, os.path.join(workdir, "config.json"))
   return _Run(config=config, workdir=workdir, mesh=mesh, rules=rules, is_main=is_main,
               train_iter=train_iter, tokenizer=tokenizer)
