@@ -23,4 +23,7 @@ from fszjax.data.defaults import data_overrides
 
 def get_config(arg=None):
   del arg
-  return config_defaults.adapt_config(data_overrides())  # data: None = the model's own
+  c = config_defaults.adapt_config(data_overrides())  # data: None = the model's own
+  # Glyphs towers: the pretraining's stroke-width jitter also on the meta-training tasks.
+  c.fewshot.meta.stroke = 0.5
+  return c

@@ -132,6 +132,9 @@ def _meta_section() -> ml_collections.ConfigDict:
   m.q_query = 2  # query examples per class of a meta-training task
   m.meta_batch = 4  # tasks per outer step
   m.steps = 400  # outer steps (towers: 400 beat 150 in every cell but one, BUILD_NOTES.md)
+  # Towers: stroke-width jitter of the meta-training images (`fszjax.data.preprocess.
+  # stroke_jitter`: probability of a 2x2 dilation or erosion per image); 0 = off.
+  m.stroke = 0.0
   m.outer_lr = 3e-4  # Adam (SGD for Reptile) step size of the outer loop
   m.outer_schedule = "constant"  # constant | cosine (linear warmup, then decay to 0 at steps)
   m.warmup_steps = 0  # outer_schedule=cosine: warmup length
@@ -161,7 +164,10 @@ def _transfer_section() -> ml_collections.ConfigDict:
   # proto_zs_adapt (head from zero-shot text embeddings + support prototypes, Proto-MAML
   # style, then SGD) and tip_adapter (training-free support cache + zero-shot logits).
   # Their hyper-parameters are chosen per setting on `val_split` (val queries, train
-  # supports from other fonts), never on test splits, from the grids below.
+  # supports from other fonts), never on test splits, from the grids below by the
+  # one-standard-error rule: the first candidate within one standard error of the best val
+  # accuracy (`transfer.select_on_val`). The grids list the candidates that lean least on
+  # the class names first (proto_weight 1 = ProtoNets; the largest cache weight alpha).
   return ml_collections.ConfigDict(dict(
       enabled=True,
       # The zero-shot share of each task scaled by the zero-shot classifier's
@@ -169,8 +175,8 @@ def _transfer_section() -> ml_collections.ConfigDict:
       # (where naming fails) fall back to the support set.
       gate=True,
       val_split="val", val_episodes=300,  # selection split and its episodes per setting
-      proto_weights=[0.25, 0.5, 0.75, 1.0], steps=[0, 10, 30], lrs=[2.0, 8.0],  # proto_zs_adapt
-      alphas=[0.25, 0.5, 1.0, 2.0], betas=[1.0, 3.0, 5.5, 10.0]))  # tip_adapter
+      proto_weights=[1.0, 0.75, 0.5, 0.25], steps=[0, 10, 30], lrs=[2.0, 8.0],  # proto_zs_adapt
+      alphas=[2.0, 1.0, 0.5, 0.25], betas=[1.0, 3.0, 5.5, 10.0]))  # tip_adapter
 
 
 def _dg_section() -> ml_collections.ConfigDict:

@@ -115,7 +115,7 @@ def test_old_saved_pretraining_config_is_filled(tmp_path):
   assert cfg.checkpoint.spike_factor == 10.0 and cfg.checkpoint.on_save_error == "stop"
   assert tuple(cfg.eval.splits) == () and cfg.eval.batch_size == 256  # () = data.eval_splits
   # What the config holds is kept.
-  assert cfg.model.image.patch_size == 4 and cfg.loss == "clip"
+  assert cfg.model.image.patch_size == 16 and cfg.loss == "clip"  # configs/glyphs.py's
 
 
 def test_old_saved_adapt_config_is_filled(tmp_path):

@@ -318,3 +318,44 @@ def test_worker_processes_give_the_same_batches_and_resume(gdata):
     assert_same(take(again, 2), threads[1:])
   finally:
     again.close()
+
+
+def test_stroke_jitter_dilates_erodes_and_keeps_the_rest():
+  from fszjax.data.preprocess import stroke_jitter
+  x = np.full((400, 8, 8, 1), -1.0, np.float32)
+  x[:, 2:5, 3:5] = 1.0  # a 3x2 bright stroke on a dark background (normalised pixels)
+  y = stroke_jitter(x, np.random.default_rng(0), 0.5)
+  ink = (y > 0).sum((1, 2, 3))
+  # 2x2 max filter: the stroke grows by one row and one column; min filter: shrinks by one.
+  assert set(np.unique(ink)) == {2, 6, 12}
+  frac = {n: float(np.mean(ink == n)) for n in (2, 6, 12)}
+  assert abs(frac[6] - 0.5) < 0.08 and abs(frac[12] - 0.25) < 0.08 and abs(frac[2] - 0.25) < 0.08
+  np.testing.assert_array_equal(y[ink == 6], x[ink == 6])
+  assert y.dtype == x.dtype and y.shape == x.shape
+  # p = 0 is the identity; p outside [0, 1] names the key.
+  np.testing.assert_array_equal(stroke_jitter(x, np.random.default_rng(0), 0.0), x)
+  with pytest.raises(data_errors.DataError, match="augment.stroke"):
+    stroke_jitter(x, np.random.default_rng(0), 1.5)
+
+
+def test_stroke_augmentation_changes_training_images_only():
+  import io
+  from PIL import Image
+  from fszjax.data.preprocess import ExampleProcessor
+  base = defaults.glyphs_data_config().to_dict()
+  base["augment"]["affine"] = False
+  on = dict(base, augment=dict(base["augment"], stroke=1.0))
+  img = np.zeros((16, 16), np.uint8)
+  img[5:9, 6:9] = 255  # 4 x 3 ink pixels
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format="PNG")
+  value = buf.getvalue()
+  kw = dict(class_names=["a"], tokenizer=None)
+  plain = ExampleProcessor(dict(base, image_size=16), train=True, **kw).image(
+      value, np.random.default_rng(0))
+  jit = ExampleProcessor(dict(on, image_size=16), train=True, **kw).image(
+      value, np.random.default_rng(0))
+  ev = ExampleProcessor(dict(on, image_size=16), train=False, **kw).image(value, None)
+  np.testing.assert_array_equal(ev, plain)
+  # stroke=1: always dilated (5 x 4) or eroded (3 x 2); evaluation is never jittered.
+  assert (plain > 0).sum() == 12 and (jit > 0).sum() in (20, 6)

@@ -115,6 +115,20 @@ def test_select_on_val_picks_best_first_on_ties():
   assert best == {"a": 1, "b": 0, "val_acc": 1.0}
 
 
+def test_select_on_val_one_standard_error_rule():
+  cands = [{"w": 1.0}, {"w": 0.5}, {"w": 0.25}]
+  acc = {1.0: 0.90, 0.5: 0.92, 0.25: 0.93}.__getitem__
+  # Without a query count: the best. With n queries, SE(0.93) = sqrt(.93 * .07 / n).
+  assert transfer.select_on_val(lambda c: acc(c["w"]), cands, "t")["w"] == 0.25
+  # n = 300: SE 0.0147, so 0.92 (within) is chosen over 0.93, 0.90 (outside) is not.
+  assert transfer.select_on_val(lambda c: acc(c["w"]), cands, "t", num_queries=300)["w"] == 0.5
+  # n = 30: SE 0.047: the first listed candidate is within, and wins.
+  got = transfer.select_on_val(lambda c: acc(c["w"]), cands, "t", num_queries=30)
+  assert got == {"w": 1.0, "val_acc": 0.90}
+  # n = 100000: SE 0.0008, only the best.
+  assert transfer.select_on_val(lambda c: acc(c["w"]), cands, "t", num_queries=100000)["w"] == 0.25
+
+
 def _tiny_features():
   from fszjax.models.vit import ViT
 

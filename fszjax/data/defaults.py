@@ -44,6 +44,9 @@ def _augment(affine: bool, random_resized_crop: bool) -> ml_collections.ConfigDi
       "crop_scale": (0.5, 1.0),
       "crop_ratio": (0.75, 1.3333),
       "hflip": False,
+      # Stroke-width jitter (glyphs): probability of a 2x2 dilation or erosion of the ink
+      # (`fszjax.data.preprocess.stroke_jitter`); 0 = off.
+      "stroke": 0.0,
   })
 
 

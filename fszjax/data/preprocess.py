@@ -150,6 +150,28 @@ def _affine_jitter(img, rng: np.random.Generator, aug: dict):
   return img.transform((w, h), Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=0)
 
 
+def stroke_jitter(x: np.ndarray, rng: np.random.Generator, p: float) -> np.ndarray:
+  """Random stroke-width jitter of bright-on-dark images ``x (..., H, W, C)`` (any
+  monotonic scaling of the pixel values): each image is, with probability ``p / 2``,
+  dilated (thicker strokes) and with probability ``p / 2`` eroded (thinner strokes) by a
+  2x2 max / min filter (edges replicated); the rest is returned unchanged.
+
+  Glyphs: fonts differ in stroke weight as much as in shape, and the training fonts are one
+  family; the jitter makes the image tower see weights between and beyond them
+  (BUILD_NOTES.md, "Transfer: third round")."""
+  if not 0.0 <= p <= 1.0:
+    raise DataError(f"augment.stroke={p} must be a probability in [0, 1]")
+  x = np.asarray(x)
+  if p == 0.0:
+    return x
+  h, w = x.shape[-3], x.shape[-2]
+  pad = np.pad(x, [(0, 0)] * (x.ndim - 3) + [(0, 1), (0, 1), (0, 0)], mode="edge")
+  views = [pad[..., a:a + h, b:b + w, :] for a in (0, 1) for b in (0, 1)]
+  r = rng.random(x.shape[:-3])[..., None, None, None]
+  out = np.where(r < p / 2, np.maximum.reduce(views), x)
+  return np.where((r >= p / 2) & (r < p), np.minimum.reduce(views), out).astype(x.dtype)
+
+
 class ExampleProcessor:
   """Turns one raw example into `{'image', 'tokens', 'label'}` (picklable for workers).
 
@@ -194,6 +216,8 @@ class ExampleProcessor:
     if rng is not None and aug.get("hflip") and rng.random() < 0.5:
       img = img.transpose(0)  # FLIP_LEFT_RIGHT
     x = np.asarray(img, np.float32).reshape(self.size, self.size, self.channels) / 255.0
+    if rng is not None and aug.get("stroke"):
+      x = stroke_jitter(x, rng, float(aug["stroke"]))
     return (x - self.mean) / self.std
 
   def text(self, ex: dict, label: int, rng: np.random.Generator | None) -> str:

@@ -17,6 +17,7 @@ from fszjax import evaluate, inference
 from fszjax import metrics as metrics_lib
 from fszjax.data import errors as data_errors, sources
 from fszjax.data.episodes import EpisodeSampler
+from fszjax.data.preprocess import stroke_jitter
 from fszjax.fewshot import inner as inner_lib
 from fszjax.fewshot import meta as meta_lib
 from fszjax.fewshot import transfer
@@ -140,11 +141,12 @@ def transfer_towers(config, train: SplitData, val: SplitData, data: dict[str, Sp
       return float(np.mean(np.asarray(fn(*args)[m])))
 
     tip0 = {"alpha": float(tcfg.alphas[0]), "beta": float(tcfg.betas[0])}
+    nq = int(eps["query"].size)
     pz = transfer.select_on_val(lambda c: score(c, "proto_zs_adapt", tip0), proto_grid,
-                                f"proto_zs_adapt {setting}")
+                                f"proto_zs_adapt {setting}", nq)
     tip = transfer.select_on_val(
         lambda c: score(c, "tip_adapter", {"proto_weight": 1.0, "steps": 0, "lr": 0.0}),
-        tip_grid, f"tip_adapter {setting}")
+        tip_grid, f"tip_adapter {setting}", nq)
     chosen[setting] = {"proto_zs_adapt": pz, "tip_adapter": tip}
     fn = transfer.make_feature_eval(
         n_way, scale, bias, float(pz["proto_weight"]), int(pz["steps"]), float(pz["lr"]),
@@ -203,6 +205,15 @@ def tower_features_fn(tower, algorithm: str, scale: float):
   return features_fn
 
 
+def jittered(episode: dict, stroke: float, seed: int, step: int) -> dict:
+  """`episode` with `stroke_jitter` applied to its support and query images, seeded by
+  ``(seed, step)`` so a resumed meta-training run draws the same images."""
+  if not stroke:
+    return episode
+  rng = np.random.default_rng([int(seed), int(step), 0x5770CE])
+  return {**episode, **{k: stroke_jitter(episode[k], rng, stroke) for k in ("support_x", "query_x")}}
+
+
 # The methods each meta-learner is evaluated with on the re-encoded splits, and their names.
 _META_METHODS = {"protonet": {"protonet": "protonet_meta", "zeroshot": "protonet_meta_zeroshot"}}
 
@@ -225,7 +236,9 @@ def meta_towers(config, workdir, model_cfg, model, params, encoder, train: Split
   t0 = time.perf_counter()
   meta_params = meta_train(config, os.path.join(workdir, "meta_checkpoints"), features_fn, mcfg,
                            {"backbone": params["img"]},
-                           lambda step: tasks_of(sampler.sample(step, int(m.meta_batch)), text))
+                           lambda step: tasks_of(jittered(sampler.sample(step, int(m.meta_batch)),
+                                                          float(m.stroke), config.seed, step),
+                                                 text))
   train_s = time.perf_counter() - t0
   enc = evaluate.EmbeddingEncoder(model, {**params, "img": meta_params["backbone"]}, encoder.tokenizer,
                          max_len=encoder.max_len)

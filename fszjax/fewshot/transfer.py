@@ -218,13 +218,24 @@ def grid(spec: dict[str, Sequence]) -> list[dict]:
   return [dict(zip(names, vals)) for vals in itertools.product(*(spec[n] for n in names))]
 
 
-def select_on_val(score: Callable[[dict], float], candidates: list[dict], what: str) -> dict:
-  """The candidate with the best ``score`` (ties: the first); logs the table."""
-  best, best_s = None, -np.inf
+def select_on_val(score: Callable[[dict], float], candidates: list[dict], what: str,
+                  num_queries: int = 0) -> dict:
+  """The first candidate, in the given order of preference, whose ``score`` (a val accuracy
+  over `num_queries` queries) is within one standard error ``sqrt(p (1 - p) / n)`` of the
+  best score (the one-standard-error rule; ``num_queries=0``: the best, ties to the first).
+  Logs the table.
+
+  Glyphs' val queries are characters the towers were pretrained on, in training fonts, so
+  val is near its ceiling and cannot separate candidates that differ on unseen characters
+  or fonts: listed first, the candidate that relies least on the class names wins ties."""
+  scores = []
   for cand in candidates:
     s = float(score(cand))
     log.info("val selection %s %s: %.4f", what, cand, s)
-    if s > best_s + 1e-9:
-      best, best_s = cand, s
-  log.info("val selection %s: chose %s (%.4f)", what, best, best_s)
-  return dict(best, val_acc=best_s)
+    scores.append(s)
+  best_s = max(scores)
+  se = float(np.sqrt(best_s * (1.0 - best_s) / num_queries)) if num_queries > 0 else 0.0
+  i = next(i for i, s in enumerate(scores) if s >= best_s - se - 1e-9)
+  log.info("val selection %s: chose %s (%.4f; best %.4f, one standard error %.4f)", what,
+           candidates[i], scores[i], best_s, se)
+  return dict(candidates[i], val_acc=scores[i])
