@@ -1,6 +1,7 @@
 """Analytic FLOPs of the two-tower model, accelerator chip specs and model FLOPs utilisation.
 
-MaxText-style accounting: the matmuls of both towers (patch embedding, q/k/v/out
+MaxText-style accounting: the matmuls of both towers (patch embedding or the convolutional
+stem's 3x3 and 1x1 convolutions, q/k/v/out
 projections, MLPs, attention-pooling head, output projections), the attention score and
 value products, and the ``B x B`` logits; x3 for forward + backward. Recomputation
 (remat, gradient caching) is not counted: MFU measures useful model work. Causal text
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from fszjax.models.stem import layer_plan
 from fszjax.models.two_tower import tower_dims
 
 
@@ -69,6 +71,29 @@ def _encoder_flops(tokens: int, width: int, depth: int, mlp: int) -> float:
   return depth * per_layer
 
 
+def _valid_taps(n_in: int, stride: int, k: int = 3) -> tuple[int, int]:
+  """(output length, sum over outputs of the kernel taps that land inside the input) of a
+  'SAME'-padded 1-D convolution: zero padding is not counted, as XLA does not."""
+  n_out = -(-n_in // stride)
+  pad_lo = max((n_out - 1) * stride + k - n_in, 0) // 2
+  taps = sum(1 for o in range(n_out) for j in range(k) if 0 <= o * stride + j - pad_lo < n_in)
+  return n_out, taps
+
+
+def stem_flops(size: int, channels: int, patch: int, stem, width: int) -> float:
+  """Forward FLOPs of one image through `fszjax.models.stem.ConvStem`: its 3x3 convolutions
+  ('SAME' padding; taps on the zero padding not counted) and the 1x1 projection to the
+  tower width; 0 without a stem."""
+  if not stem:
+    return 0.0
+  total, side, c_in = 0.0, size, channels
+  for c_out, stride in layer_plan(patch, stem):
+    side, taps = _valid_taps(side, stride)
+    total += 2.0 * taps * taps * c_in * c_out
+    c_in = c_out
+  return total + 2.0 * side * side * c_in * width
+
+
 def forward_flops_parts(mcfg, global_batch: int, depths: tuple[int, int] | None = None) -> dict:
   """Forward FLOPs per example, split ``{"image", "text", "logits"}``.
 
@@ -86,7 +111,11 @@ def forward_flops_parts(mcfg, global_batch: int, depths: tuple[int, int] | None 
   n_patch = (size // patch) ** 2
   t_img = n_patch + (1 if icfg.pool == "tok" else 0)
   embed = mcfg.embed_dim or 0
-  fi = 2 * n_patch * patch * patch * channels * iw
+  stem = tuple(int(c) for c in icfg.stem or ())
+  if stem:
+    fi = stem_flops(size, channels, patch, stem, iw)
+  else:
+    fi = 2 * n_patch * patch * patch * channels * iw
   fi += _encoder_flops(t_img, iw, idp, im)
   if icfg.pool == "map":
     fi += 2 * iw * iw * 2 + 2 * 2 * t_img * iw * iw + 2 * 2 * t_img * iw + 2 * 2 * iw * im

@@ -254,3 +254,27 @@ def test_count_collectives_in_hlo_text():
                     "collective-permute": 1, "all-to-all": 0}
   assert sizes == {"all-gather": 64 * 128 * 2 + 32 * 2, "all-reduce": 4 + 40 + 32,
                    "reduce-scatter": 24, "collective-permute": 64, "all-to-all": 0}
+
+
+def test_stem_flops_match_xla_cost_analysis():
+  """The analytic FLOPs of the convolutional stem equal XLA's count of its convolutions
+  (the 3x3 layers, taps on the 'SAME' zero padding not counted, and the 1x1 projection)."""
+  import jax
+  import jax.numpy as jnp
+  from fszjax.models.stem import layer_plan
+
+  def xla_conv_flops(side, c_in, c_out, k, stride):
+    x, w = jnp.zeros((1, side, side, c_in)), jnp.zeros((k, k, c_in, c_out))
+    fn = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    cost = jax.jit(fn).lower(x, w).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+  for size, patch, stem in ((32, 16, (32, 64, 64, 64)), (32, 4, (32, 64)), (16, 4, (8, 8, 16))):
+    want, side, c_in = 0.0, size, 1
+    for c, stride in layer_plan(patch, stem):
+      want += xla_conv_flops(side, c_in, c, 3, stride)
+      side, c_in = -(-side // stride), c
+    want += xla_conv_flops(side, c_in, 24, 1, 1)
+    assert flops.stem_flops(size, 1, patch, stem, 24) == want, (size, patch, stem)
+  assert flops.stem_flops(32, 1, 16, (), 24) == 0.0
