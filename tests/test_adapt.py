@@ -8,6 +8,7 @@ import pytest
 
 import data_testlib
 from fszjax import config as config_lib, pretrain
+from fszjax.data import errors as data_errors
 from fszjax.fewshot import adapt, episodes, meta_loop, scratch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,6 +146,25 @@ def test_towers_protonet_meta_training(gdir, pretrained, tmp_path):
   assert min(moved.values()) > 1e-4, moved  # every part of the tower learned
   assert r3["methods"]["protonet_meta"] != r0["methods"]["protonet_meta"]
   assert r3["methods"]["protonet"] == r0["methods"]["protonet"]  # the frozen rows stay
+
+
+def test_meta_stroke_jitter_is_seeded_per_step_and_checked_first(gdir, pretrained, tmp_path):
+  from fszjax.fewshot import towers
+  rng = np.random.default_rng(0)
+  ep = {"support_x": (rng.random((2, 5, 8, 8, 1)) > 0.7).astype(np.float32),
+        "query_x": (rng.random((2, 10, 8, 8, 1)) > 0.7).astype(np.float32),
+        "support_y": np.zeros((2, 5), np.int32)}
+  a, b = towers.jittered(ep, 0.5, 0, 7), towers.jittered(ep, 0.5, 0, 7)
+  for k in ("support_x", "query_x"):  # a resumed run redraws the same images
+    np.testing.assert_array_equal(a[k], b[k])
+  assert not np.array_equal(a["query_x"], ep["query_x"])
+  assert not np.array_equal(towers.jittered(ep, 0.5, 0, 8)["query_x"], a["query_x"])
+  assert a["support_y"] is ep["support_y"] and towers.jittered(ep, 0.0, 0, 7) is ep
+  # A bad probability stops `fszjax adapt` before any evaluation or training.
+  with pytest.raises(data_errors.DataError, match="config.fewshot.meta.stroke=2"):
+    adapt.run(_towers_cfg(gdir, pretrained, "--config.fewshot.meta.stroke=2.0"),
+              str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "results.json")
 
 
 def test_towers_meta_algorithm_is_checked():

@@ -1,14 +1,17 @@
 """grain pipelines: batches, determinism, exact resume, process sharding, mixtures, errors,
 catalog datasets through `tfds.testing.mock_data`, and users' own folders / captions."""
 
+import io
 import json
 import os
 
 import numpy as np
 import pytest
+from PIL import Image
 from data_testlib import glyph_cfg, glyphs_data_dir, write_image_folder
 
 from fszjax.data import defaults, image_text
+from fszjax.data.preprocess import ExampleProcessor, stroke_jitter
 from fszjax.data import arrays, errors as data_errors, pipeline, sources, vocab
 
 
@@ -321,7 +324,6 @@ def test_worker_processes_give_the_same_batches_and_resume(gdata):
 
 
 def test_stroke_jitter_dilates_erodes_and_keeps_the_rest():
-  from fszjax.data.preprocess import stroke_jitter
   x = np.full((400, 8, 8, 1), -1.0, np.float32)
   x[:, 2:5, 3:5] = 1.0  # a 3x2 bright stroke on a dark background (normalised pixels)
   y = stroke_jitter(x, np.random.default_rng(0), 0.5)
@@ -334,14 +336,9 @@ def test_stroke_jitter_dilates_erodes_and_keeps_the_rest():
   assert y.dtype == x.dtype and y.shape == x.shape
   # p = 0 is the identity; p outside [0, 1] names the key.
   np.testing.assert_array_equal(stroke_jitter(x, np.random.default_rng(0), 0.0), x)
-  with pytest.raises(data_errors.DataError, match="augment.stroke"):
-    stroke_jitter(x, np.random.default_rng(0), 1.5)
 
 
 def test_stroke_augmentation_changes_training_images_only():
-  import io
-  from PIL import Image
-  from fszjax.data.preprocess import ExampleProcessor
   base = defaults.glyphs_data_config().to_dict()
   base["augment"]["affine"] = False
   on = dict(base, augment=dict(base["augment"], stroke=1.0))
@@ -351,6 +348,11 @@ def test_stroke_augmentation_changes_training_images_only():
   Image.fromarray(img).save(buf, format="PNG")
   value = buf.getvalue()
   kw = dict(class_names=["a"], tokenizer=None)
+  # A bad probability is one line naming the key, when the processor is built.
+  bad = dict(base, augment=dict(base["augment"], stroke=1.5))
+  with pytest.raises(data_errors.DataError, match=r"data.augment.stroke=1.5 must be a probability"):
+    ExampleProcessor(bad, train=True, **kw)
+  ExampleProcessor(bad, train=False, **kw)  # evaluation does not augment
   plain = ExampleProcessor(dict(base, image_size=16), train=True, **kw).image(
       value, np.random.default_rng(0))
   jit = ExampleProcessor(dict(on, image_size=16), train=True, **kw).image(

@@ -150,17 +150,25 @@ def _affine_jitter(img, rng: np.random.Generator, aug: dict):
   return img.transform((w, h), Image.AFFINE, coeffs, resample=Image.BILINEAR, fillcolor=0)
 
 
+def stroke_probability(value, key: str) -> float:
+  """``value`` as the probability `stroke_jitter` takes; a DataError naming ``key`` (the
+  config key it came from) unless it is in [0, 1]. Checked once, when a job is set up."""
+  p = float(value or 0.0)
+  if not 0.0 <= p <= 1.0:
+    raise DataError(f"{key}={value} must be a probability in [0, 1] (0 = off)")
+  return p
+
+
 def stroke_jitter(x: np.ndarray, rng: np.random.Generator, p: float) -> np.ndarray:
   """Random stroke-width jitter of bright-on-dark images ``x (..., H, W, C)`` (any
   monotonic scaling of the pixel values): each image is, with probability ``p / 2``,
   dilated (thicker strokes) and with probability ``p / 2`` eroded (thinner strokes) by a
-  2x2 max / min filter (edges replicated); the rest is returned unchanged.
+  2x2 max / min filter (edges replicated); the rest is returned unchanged. ``p``: a
+  probability (`stroke_probability`).
 
   Glyphs: fonts differ in stroke weight as much as in shape, and the training fonts are one
   family; the jitter makes the image tower see weights between and beyond them
   (BUILD_NOTES.md, "Transfer: third round")."""
-  if not 0.0 <= p <= 1.0:
-    raise DataError(f"augment.stroke={p} must be a probability in [0, 1]")
   x = np.asarray(x)
   if p == 0.0:
     return x
@@ -196,6 +204,7 @@ class ExampleProcessor:
     if self.mean is None or self.std is None:
       raise DataError(f"data.mean/std need 1 or {self.channels} values")
     self.augment = dict(to_plain(cfg.get("augment") or {})) if train else {}
+    self.stroke = stroke_probability(self.augment.get("stroke"), "data.augment.stroke")
     self.templates = tuple(cfg.get("train_templates") or ("{}",))
     self.class_names = class_names
     self.tokenizer = tokenizer
@@ -216,8 +225,8 @@ class ExampleProcessor:
     if rng is not None and aug.get("hflip") and rng.random() < 0.5:
       img = img.transpose(0)  # FLIP_LEFT_RIGHT
     x = np.asarray(img, np.float32).reshape(self.size, self.size, self.channels) / 255.0
-    if rng is not None and aug.get("stroke"):
-      x = stroke_jitter(x, rng, float(aug["stroke"]))
+    if rng is not None and self.stroke:
+      x = stroke_jitter(x, rng, self.stroke)
     return (x - self.mean) / self.std
 
   def text(self, ex: dict, label: int, rng: np.random.Generator | None) -> str:

@@ -17,7 +17,7 @@ from fszjax import evaluate, inference
 from fszjax import metrics as metrics_lib
 from fszjax.data import errors as data_errors, sources
 from fszjax.data.episodes import EpisodeSampler
-from fszjax.data.preprocess import stroke_jitter
+from fszjax.data.preprocess import stroke_jitter, stroke_probability
 from fszjax.fewshot import inner as inner_lib
 from fszjax.fewshot import meta as meta_lib
 from fszjax.fewshot import transfer
@@ -46,6 +46,7 @@ def run_towers(config, workdir) -> dict:
   bias = float(b) if b is not None else 0.0
   templates = list(sources.prompt_templates(data_cfg))
   meta_on = bool(fcfg.meta.enabled)
+  stroke_probability(fcfg.meta.stroke, "config.fewshot.meta.stroke")  # checked before any work
   data = {}
   for split in splits:
     try:
