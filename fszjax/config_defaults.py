@@ -5,8 +5,9 @@ with its meaning.
 from; a config file changes only what differs (``configs/siglip_b16.py`` sets the B/16
 shapes, batch and mesh; ``configs/clip_b16.py`` starts from ``siglip_b16`` in turn). The
 values here are a tiny model sized for 2 CPU cores; the embedded default,
-``configs/glyphs.py``, changes only its pooling and its number of steps. `adapt_config(data)` is the same for `fszjax adapt` and `fszjax bench
-adapt` (``configs/glyphs_fewshot.py``, ``configs/glyphs_maml_conv4.py``).
+``configs/glyphs.py``, changes its image tower's stem and patch size, pooling, stroke-width
+augmentation and number of steps. `adapt_config(data)` is the same for `fszjax adapt` and
+`fszjax bench adapt` (``configs/glyphs_fewshot.py``, ``configs/glyphs_maml_conv4.py``).
 `fszjax.config` validates every loaded config against these keys and fills the keys a
 saved config.json lacks (`SAVED_WITHOUT`). The data section comes from
 `fszjax.data.defaults` (passed in, so this module needs nothing above the base layer).
@@ -131,7 +132,10 @@ def _meta_section() -> ml_collections.ConfigDict:
   m.train_setting = "20way1shot"
   m.q_query = 2  # query examples per class of a meta-training task
   m.meta_batch = 4  # tasks per outer step
-  m.steps = 400  # outer steps (towers: 400 beat 150 in every cell but one, BUILD_NOTES.md)
+  # Outer steps. Towers: 400 beat 150 in every cell but one on the 1000-step recipe of
+  # a820c04; on today's Glyphs towers meta-training changes the test cells by less than a
+  # point either way (BUILD_NOTES.md, "Transfer: second round" and "third round").
+  m.steps = 400
   # Towers: stroke-width jitter of the meta-training images (`fszjax.data.preprocess.
   # stroke_jitter`: probability of a 2x2 dilation or erosion per image); 0 = off.
   m.stroke = 0.0
