@@ -167,19 +167,20 @@ def _transfer_section() -> ml_collections.ConfigDict:
   # Towers: adaptation with both towers on the frozen features (fszjax/fewshot/transfer.py):
   # proto_zs_adapt (head from zero-shot text embeddings + support prototypes, Proto-MAML
   # style, then SGD) and tip_adapter (training-free support cache + zero-shot logits).
-  # Their hyper-parameters are chosen per setting on `val_split` (val queries, train
-  # supports from other fonts), never on test splits, from the grids below by the
-  # one-standard-error rule: the first candidate within one standard error of the best val
-  # accuracy (`transfer.select_on_val`). The grids list the candidates that lean least on
-  # the class names first (proto_weight 1 = ProtoNets; the largest cache weight alpha).
+  # Their hyper-parameters are chosen per setting on `val_split`, never on test splits: by
+  # the lowest query log-loss (`transfer.select_on_val`) on cross-font episodes (support
+  # and query in different fonts). Glyphs' val_classes holds characters the towers were
+  # never trained on; a val split of train classes (Glyphs' val) takes its supports from
+  # the train split (`towers.selection_pools`). proto_weight 1 with 0 steps = ProtoNets.
   return ml_collections.ConfigDict(dict(
       enabled=True,
       # The zero-shot share of each task scaled by the zero-shot classifier's
       # (chance-corrected) accuracy on that task's own support set, so unseen scripts
       # (where naming fails) fall back to the support set.
       gate=True,
-      val_split="val", val_episodes=300,  # selection split and its episodes per setting
-      proto_weights=[1.0, 0.75, 0.5, 0.25], steps=[0, 10, 30], lrs=[2.0, 8.0],  # proto_zs_adapt
+      val_split="val_classes", val_episodes=300,  # selection split and its episodes per setting
+      proto_weights=[1.0, 0.75, 0.5, 0.25, 0.0], steps=[0, 10, 30, 100],  # proto_zs_adapt
+      lrs=[2.0, 8.0],
       alphas=[2.0, 1.0, 0.5, 0.25], betas=[1.0, 3.0, 5.5, 10.0]))  # tip_adapter
 
 

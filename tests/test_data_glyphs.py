@@ -54,6 +54,39 @@ def test_held_out_characters_never_in_train(meta):
   assert _chars(meta, "test_both") <= _chars(meta, "test_classes") | _chars(meta, "test_scripts")
 
 
+def test_val_classes_held_out_of_train_and_tests(meta):
+  val = _chars(meta, "val_classes")
+  assert val, "val_classes is empty"
+  for split in ("train", "test_classes", "test_scripts", "test_both", "test_fonts", "val"):
+    assert not val & _chars(meta, split), split
+  # Source fonts only (no held-out font is seen before testing), same rule as test_classes.
+  assert set(meta["splits"]["val_classes"]["fonts"]) <= set(meta["source_fonts"])
+  train_words = {w for n in meta["splits"]["train"]["class_names"] for w in n.split()}
+  for name in meta["splits"]["val_classes"]["class_names"]:
+    assert set(name.split()) <= train_words, name
+  assert set(meta["splits"]["val_classes"]["scripts"]) <= set(meta["train_scripts"])
+
+
+def test_val_classes_leave_test_classes_as_they_were():
+  """val_classes is picked after test_classes: a build without it has the same test
+  characters; its characters go back to train."""
+  with_val = glyphs.build_plan(glyphs.GlyphsOptions(max_chars=60))
+  without = glyphs.build_plan(glyphs.GlyphsOptions(max_chars=60, val_class_fraction=0.0))
+  cps = lambda p, s: {cp for cp, _, _ in p.examples[s]}
+  for split in ("test_classes", "test_scripts", "test_both"):
+    assert cps(with_val, split) == cps(without, split), split
+  assert not cps(without, "val_classes")
+  assert cps(with_val, "val_classes") and cps(with_val, "val_classes") <= cps(without, "train")
+  assert cps(without, "train") == cps(with_val, "train") | cps(with_val, "val_classes")
+
+
+def test_class_fractions_out_of_range_are_errors():
+  with pytest.raises(ValueError, match="val_class_fraction"):
+    glyphs.GlyphsOptions(val_class_fraction=0.7)
+  with pytest.raises(ValueError, match="test_class_fraction"):
+    glyphs.GlyphsOptions(test_class_fraction=-0.1)
+
+
 def test_test_class_names_are_compositional(meta):
   train_words = {w for n in meta["splits"]["train"]["class_names"] for w in n.split()}
   for name in meta["splits"]["test_classes"]["class_names"]:

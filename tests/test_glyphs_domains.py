@@ -81,6 +81,15 @@ def test_new_character_split_depends_on_the_character_only():
   assert glyph_plan.new_char_role(0x0531, opts, words, scripts) == "test_scripts"  # armenian
   roles = [glyph_plan.new_char_role(cp, opts, words, scripts) for cp in (0xE1, 0xC1)]
   assert roles == [glyph_plan.new_char_role(cp, opts, words, scripts) for cp in (0xE1, 0xC1)]
+  # The hash band right after test_classes' goes to val_classes.
+  lo, hi = opts.test_class_fraction, opts.test_class_fraction + opts.val_class_fraction
+  val_cp = next(cp for cp in range(0xC0, 0x250) if lo <= glyphs.split_hash(cp, 0) < hi)
+  test_cp = next(cp for cp in range(0xC0, 0x250) if glyphs.split_hash(cp, 0) < lo)
+  train_cp = next(cp for cp in range(0xC0, 0x250) if glyphs.split_hash(cp, 0) >= hi)
+  every = words | {w for cp in (val_cp, test_cp, train_cp) for w in glyphs.char_text(cp).split()}
+  assert glyph_plan.new_char_role(val_cp, opts, every, scripts) == "val_classes"
+  assert glyph_plan.new_char_role(test_cp, opts, every, scripts) == "test_classes"
+  assert glyph_plan.new_char_role(train_cp, opts, every, scripts) == "train"
   h = [glyphs.split_hash(cp, 0) for cp in range(0x4E00, 0x4E00 + 2000)]
   assert 0.07 < np.mean(np.asarray(h) < 0.1) < 0.13 and h == [glyphs.split_hash(cp, 0)
                                                             for cp in range(0x4E00, 0x4E00 + 2000)]

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fszjax.fewshot import inner, transfer
 from fszjax.models import stem as stem_lib
@@ -108,25 +109,35 @@ def test_cross_font_episodes_support_in_other_fonts():
   assert transfer.cross_font_episodes(sl, sd, ql, qd, n_way=7, k_shot=1, episodes=1, seed=0) is None
 
 
-def test_select_on_val_picks_best_first_on_ties():
+def test_select_on_val_lowest_log_loss_first_on_ties():
   cands = transfer.grid({"a": [1, 2], "b": [0, 1]})
   assert cands == [{"a": 1, "b": 0}, {"a": 1, "b": 1}, {"a": 2, "b": 0}, {"a": 2, "b": 1}]
-  best = transfer.select_on_val(lambda c: min(c["a"], 1) + 0 * c["b"], cands, "t")
-  assert best == {"a": 1, "b": 0, "val_acc": 1.0}
+  # Accuracy ties everywhere (the ceiling); the log-loss decides, not the order.
+  nll = {(1, 0): 0.3, (1, 1): 0.2, (2, 0): 0.1, (2, 1): 0.1}
+  best = transfer.select_on_val(lambda c: {"nll": nll[c["a"], c["b"]], "acc": 1.0}, cands, "t")
+  assert best == {"a": 2, "b": 0, "val_nll": 0.1, "val_acc": 1.0}
+  # A NaN log-loss is never chosen; all NaN is an error naming the cause.
+  nan = {(1, 0): float("nan"), (1, 1): 0.5, (2, 0): float("nan"), (2, 1): 0.7}
+  got = transfer.select_on_val(lambda c: {"nll": nan[c["a"], c["b"]], "acc": 0.5}, cands, "t")
+  assert got["a"] == 1 and got["b"] == 1
+  with pytest.raises(FloatingPointError, match="NaN"):
+    transfer.select_on_val(lambda c: {"nll": float("nan"), "acc": 0.0}, cands, "t")
+  with pytest.raises(ValueError, match="no candidates"):
+    transfer.select_on_val(lambda c: {"nll": 0.0, "acc": 0.0}, [], "t")
 
 
-def test_select_on_val_one_standard_error_rule():
-  cands = [{"w": 1.0}, {"w": 0.5}, {"w": 0.25}]
-  acc = {1.0: 0.90, 0.5: 0.92, 0.25: 0.93}.__getitem__
-  # Without a query count: the best. With n queries, SE(0.93) = sqrt(.93 * .07 / n).
-  assert transfer.select_on_val(lambda c: acc(c["w"]), cands, "t")["w"] == 0.25
-  # n = 300: SE 0.0147, so 0.92 (within) is chosen over 0.93, 0.90 (outside) is not.
-  assert transfer.select_on_val(lambda c: acc(c["w"]), cands, "t", num_queries=300)["w"] == 0.5
-  # n = 30: SE 0.047: the first listed candidate is within, and wins.
-  got = transfer.select_on_val(lambda c: acc(c["w"]), cands, "t", num_queries=30)
-  assert got == {"w": 1.0, "val_acc": 0.90}
-  # n = 100000: SE 0.0008, only the best.
-  assert transfer.select_on_val(lambda c: acc(c["w"]), cands, "t", num_queries=100000)["w"] == 0.25
+def test_feature_scores_log_loss_matches_numpy():
+  fs, ys, fq, yq, text = _task(5)
+  st = lambda x: np.stack([x, x])
+  out = transfer.make_feature_scores(5, 20.0, 0.0, 1.0, 0, 0.5, 0.0, 1.0, False)(
+      st(fs), st(ys), st(fq), st(yq), st(text))
+  lg = 20.0 * np.asarray(_proto_logits(fs, ys, fq, 5), np.float64)
+  lg = lg - lg.max(1, keepdims=True)
+  logp = lg - np.log(np.exp(lg).sum(1, keepdims=True))
+  want = -np.mean(logp[np.arange(len(yq)), yq])
+  np.testing.assert_allclose(np.asarray(out["proto_zs_adapt"]["nll"]), [want] * 2, rtol=1e-4)
+  acc = np.mean(np.argmax(lg, 1) == yq)
+  np.testing.assert_allclose(np.asarray(out["proto_zs_adapt"]["acc"]), [acc] * 2, atol=1e-6)
 
 
 def _tiny_features():

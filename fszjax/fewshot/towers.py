@@ -71,8 +71,15 @@ def run_towers(config, workdir) -> dict:
     train = split_data(encoder, data_cfg, data_cfg.train_split, templates,
                         fcfg.max_train_examples or None, keep_images=meta_on)
   if transfer_on:  # the selection split, loaded once (re-encoded for a meta-trained tower)
-    val = split_data(encoder, data_cfg, fcfg.transfer.val_split, templates, None,
-                     keep_images=meta_on)
+    try:
+      val = split_data(encoder, data_cfg, fcfg.transfer.val_split, templates, None,
+                       keep_images=meta_on)
+    except data_errors.DataError as e:
+      raise AdaptError(f"{e} (the split that selects the transfer methods' hyper-parameters: "
+                       "set --config.fewshot.transfer.val_split to a validation split of the "
+                       "evaluation data (Glyphs: val_classes, Glyphs >= 1.1.0; re-run "
+                       "`fszjax prepare glyphs`), or --config.fewshot.transfer.enabled=False)"
+                       ) from None
     tr = transfer_towers(config, train, val, data, scale, bias, samplers)
     results["methods"].update(tr.pop("methods"))
     results.update(tr)
@@ -106,19 +113,40 @@ def reencoded(encoder, d: SplitData) -> SplitData:
   return dataclasses.replace(d, feats=image_feats(encoder, d.images))
 
 
+def selection_pools(train: SplitData, val: SplitData) -> dict:
+  """Where the selection episodes' supports and queries come from. A val split of train
+  classes (Glyphs ``val``: held-out examples of train characters): queries from val,
+  supports from train in other fonts, in train's label space. A val split of its own
+  classes (Glyphs ``val_classes``: characters never trained on): both from val, support
+  and query in different fonts."""
+  name_to_train = {n: i for i, n in enumerate(train.class_names)}
+  vy = np.asarray([name_to_train.get(val.class_names[int(l)], -1) for l in val.labels])
+  if len(vy) and np.all(vy >= 0):
+    return {"support": (train.feats, train.labels, _domain_keys(train)), "text": train.text,
+            "query": (val.feats, vy, _domain_keys(val))}
+  own = (val.feats, np.asarray(val.labels), _domain_keys(val))
+  return {"support": own, "text": val.text, "query": own}
+
+
+def _selection_args(pools: dict, n_way: int, k_shot: int, episodes: int, seed: int):
+  (sf, sl, sd), (qf, ql, qd) = pools["support"], pools["query"]
+  eps = transfer.cross_font_episodes(sl, sd, ql, qd, n_way=n_way, k_shot=k_shot,
+                                     episodes=episodes, seed=seed)
+  if eps is None:
+    return None
+  return (sf[eps["support"]], eps["support_y"], qf[eps["query"]], eps["query_y"],
+          pools["text"][eps["classes"]])
+
+
 def transfer_towers(config, train: SplitData, val: SplitData, data: dict[str, SplitData],
                     scale: float, bias: float, samplers: dict) -> dict:
   """`fszjax.fewshot.transfer`'s methods on the splits' features (of the frozen or of the
   meta-trained tower; `val` and `train` encoded by the same one): hyper-parameters chosen per
-  setting on ``val`` (queries: val's held-out examples; supports: train examples of the
-  same characters in other fonts), then evaluated on the same episodes as the other
-  methods. Returns ``{"methods": ..., "transfer_selection": {setting: chosen}}``."""
+  setting by the lowest log-loss on cross-font episodes of ``val`` (`selection_pools`),
+  then evaluated on the same episodes as the other methods. Returns ``{"methods": ...,
+  "transfer_selection": {setting: chosen}}``."""
   fcfg, tcfg = config.fewshot, config.fewshot.transfer
-  name_to_train = {n: i for i, n in enumerate(train.class_names)}
-  vy = np.asarray([name_to_train.get(val.class_names[int(l)], -1) for l in val.labels])
-  keep = np.nonzero(vy >= 0)[0]
-  tdom, vdom = _domain_keys(train), _domain_keys(val)[keep]
-  vfeats, tfeats, ttext = val.feats[keep], train.feats, train.text
+  pools = selection_pools(train, val)
   proto_grid = transfer.grid({"proto_weight": list(tcfg.proto_weights), "steps": list(tcfg.steps),
                               "lr": list(tcfg.lrs)})
   proto_grid = [c for c in proto_grid if c["steps"] > 0 or c["lr"] == tcfg.lrs[0]]
@@ -127,27 +155,22 @@ def transfer_towers(config, train: SplitData, val: SplitData, data: dict[str, Sp
   gate = bool(tcfg.gate)
   for setting in fcfg.settings:
     n_way, k_shot = parse_setting(setting)
-    eps = transfer.cross_font_episodes(train.labels, tdom, vy[keep], vdom, n_way=n_way,
-                                       k_shot=k_shot, episodes=int(tcfg.val_episodes),
-                                       seed=config.seed + 101)
-    if eps is None:
-      log.warning("transfer: val has too few classes for %s; skipped", setting)
+    args = _selection_args(pools, n_way, k_shot, int(tcfg.val_episodes), config.seed + 101)
+    if args is None:
+      log.warning("transfer: %s has too few classes with examples in two fonts for %s; "
+                  "skipped", tcfg.val_split, setting)
       continue
-    args = (tfeats[eps["support"]], eps["support_y"], vfeats[eps["query"]], eps["query_y"],
-            ttext[eps["classes"]], np.zeros((1,)), np.zeros((1,)))
-    args = args[:5] + (np.zeros((len(eps["query"]), 1, 1), np.float32),) * 2
 
     def score(c, m, base):
-      fn = transfer.make_feature_eval(n_way, scale, bias, **{**base, **c}, gate=gate)
-      return float(np.mean(np.asarray(fn(*args)[m])))
+      out = transfer.make_feature_scores(n_way, scale, bias, **{**base, **c}, gate=gate)(*args)[m]
+      return {k: np.mean(np.asarray(v)) for k, v in out.items()}
 
     tip0 = {"alpha": float(tcfg.alphas[0]), "beta": float(tcfg.betas[0])}
-    nq = int(eps["query"].size)
     pz = transfer.select_on_val(lambda c: score(c, "proto_zs_adapt", tip0), proto_grid,
-                                f"proto_zs_adapt {setting}", nq)
+                                f"proto_zs_adapt {setting}")
     tip = transfer.select_on_val(
         lambda c: score(c, "tip_adapter", {"proto_weight": 1.0, "steps": 0, "lr": 0.0}),
-        tip_grid, f"tip_adapter {setting}", nq)
+        tip_grid, f"tip_adapter {setting}")
     chosen[setting] = {"proto_zs_adapt": pz, "tip_adapter": tip}
     fn = transfer.make_feature_eval(
         n_way, scale, bias, float(pz["proto_weight"]), int(pz["steps"]), float(pz["lr"]),

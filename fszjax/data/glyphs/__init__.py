@@ -17,6 +17,9 @@ Splits (characters are classes, fonts are domains):
 
   train         background characters x source fonts
   val           one held-out example of some train characters (source fonts)
+  val_classes   characters never in train nor in any test split (source fonts only), under
+                test_classes' rule: for choosing hyper-parameters of few-shot methods on
+                characters the model was not trained on (1.1.0)
   test_classes  characters never in train, from scripts train covers, every word of their
                 names occurring in train names (compositional zero-shot)
   test_scripts  whole scripts never in train (armenian, georgian, braille, lao): few-shot
@@ -24,12 +27,12 @@ Splits (characters are classes, fonts are domains):
   test_fonts    train characters in held-out fonts (domain shift)
   test_both     held-out characters in held-out fonts
 
-Stable character split: a character's split (train / test_classes / test_scripts) depends
+Stable character split: a character's split (train / val_classes / test_classes / test_scripts) depends
 on the character only, never on the fonts added. Characters that matplotlib's fonts cover
 keep the split the default build gives them (computed from matplotlib's fonts alone, with
 the default held-out fonts); characters only the added fonts cover go to test_scripts by
-script, else to test_classes by a hash of their code point (when every word of their name
-is a train word), else to train. The default build is unchanged by this rule. Adding fonts
+script, else to test_classes or val_classes by a hash of their code point (when every word
+of their name is a train word), else to train. The default build is unchanged by this rule. Adding fonts
 or holding out other fonts therefore never turns a held-out character of an existing
 model into a training class: it adds examples (and new characters) only.
 
@@ -109,7 +112,8 @@ def _make_builder_class():
     """Characters x fonts rendered from real TrueType fonts (see `fszjax.data.glyphs`)."""
 
     VERSION = tfds.core.Version(_VERSION)
-    RELEASE_NOTES = {_VERSION: "First release."}
+    RELEASE_NOTES = {"1.0.0": "First release.",
+                     "1.1.0": "val_classes: characters held out for model selection."}
     BUILDER_CONFIGS = [GlyphsConfig(name=config_name(GlyphsOptions()), options=GlyphsOptions())]
 
     @tfds.core.utils.classproperty

@@ -15,9 +15,9 @@ class GlyphsError(UserError):
   """A Glyphs build cannot be made as asked; the message names the fix."""
 
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"  # 1.1.0: the val_classes split (characters held out for model selection)
 NAME = "glyphs"
-SPLITS = ("train", "val", "test_classes", "test_scripts", "test_fonts", "test_both")
+SPLITS = ("train", "val", "val_classes", "test_classes", "test_scripts", "test_fonts", "test_both")
 # Splits whose labels index the train class list.
 TRAIN_LABEL_SPLITS = ("train", "val", "test_fonts")
 
@@ -39,6 +39,9 @@ class GlyphsOptions:
   test_scripts: scripts held out entirely (test_scripts split).
   min_fonts: a character needs a valid rendering in at least this many fonts.
   test_class_fraction: fraction of background characters held out as test_classes.
+  val_class_fraction: fraction of background characters held out as val_classes (never
+    trained on, never tested on: the split that selects hyper-parameters of few-shot
+    methods on characters the model has not seen).
   val_fraction: val size as a fraction of train examples (one example per val class).
   seed: seed of every random choice in the split.
   """
@@ -50,12 +53,17 @@ class GlyphsOptions:
   test_scripts: tuple[str, ...] = DEFAULT_TEST_SCRIPTS
   min_fonts: int = 8
   test_class_fraction: float = 0.1
+  val_class_fraction: float = 0.05
   val_fraction: float = 0.05
   seed: int = 0
 
   def __post_init__(self):
     if int(self.image_size) < 8:
       raise ValueError(f"glyphs image_size={self.image_size} is too small; use >= 8 (default 32)")
+    for name in ("test_class_fraction", "val_class_fraction"):
+      if not 0.0 <= float(getattr(self, name)) < 0.5:
+        raise ValueError(f"glyphs {name}={getattr(self, name)} is out of range; use a fraction "
+                         "in [0, 0.5)")
     if self.max_chars is not None and int(self.max_chars) < 20:
       raise ValueError(f"glyphs max_chars={self.max_chars} is too small; use >= 20 or None (all)")
     object.__setattr__(self, "font_dirs", tuple(os.path.abspath(d) for d in self.font_dirs))

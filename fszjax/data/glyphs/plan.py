@@ -45,13 +45,15 @@ def _subsample_chars(chars: list[int], max_chars: int, seed: int) -> list[int]:
   return sorted(keep)
 
 
-def _pick_test_classes(background: list[int], fraction: float, rng: np.random.Generator) -> set[int]:
+def _pick_test_classes(background: list[int], fraction: float, rng: np.random.Generator,
+                       target: int | None = None) -> set[int]:
   """Held-out characters whose every name word (and script) stays in the remaining train set.
 
   Greedy over a seeded permutation: a character moves to the test set only if each of its
-  words (and its script) is still carried by at least one other train character.
+  words (and its script) is still carried by at least one other train character. Picks
+  ``round(fraction * len(background))`` characters, or `target` when given.
   """
-  target = int(round(fraction * len(background)))
+  target = int(round(fraction * len(background))) if target is None else int(target)
   words = {cp: set(char_text(cp).split()) for cp in background}
   word_count: dict[str, int] = {}
   script_count: dict[str, int] = {}
@@ -96,20 +98,28 @@ def _default_roles(chars: list[int], valid: dict[int, list[str]], fonts: list[st
   held_scripts = set(options.test_scripts)
   background = [cp for cp in chars if script_of(cp) not in held_scripts]
   cls_chars = _pick_test_classes(background, options.test_class_fraction, rng)
+  # val_classes: picked after test_classes from the rest, under the same rule (every name
+  # word and script still in train), so test_classes is the same with or without it.
+  rest = [cp for cp in background if cp not in cls_chars]
+  val_chars = _pick_test_classes(rest, 0.0, rng, target=round(
+      options.val_class_fraction * len(background)))
   roles = {cp: "test_scripts" for cp in chars if script_of(cp) in held_scripts}
-  roles.update({cp: ("test_classes" if cp in cls_chars else "train") for cp in background})
+  roles.update({cp: ("test_classes" if cp in cls_chars else
+                     "val_classes" if cp in val_chars else "train") for cp in background})
   return roles
 
 
 def new_char_role(cp: int, options: GlyphsOptions, train_words: set[str],
                   train_scripts: set[str]) -> str:
-  """Split of a character that only added fonts cover: by script, else by code-point hash."""
+  """Split of a character that only added fonts cover: by script, else by code-point hash
+  (below test_class_fraction: test_classes; the next val_class_fraction: val_classes)."""
   script = script_of(cp)
   if script in set(options.test_scripts):
     return "test_scripts"
-  if (split_hash(cp, options.seed) < options.test_class_fraction and script in train_scripts
+  h = split_hash(cp, options.seed)
+  if (h < options.test_class_fraction + options.val_class_fraction and script in train_scripts
       and set(char_text(cp).split()) <= train_words):
-    return "test_classes"
+    return "test_classes" if h < options.test_class_fraction else "val_classes"
   return "train"
 
 
@@ -210,7 +220,7 @@ def _drop_disagreeing(fonts: list[FontFile], base_names: list[str], added: list[
 
 def _character_roles(cand: _Candidates, base_ok: list[str], images, options: GlyphsOptions,
                      rng: np.random.Generator) -> dict[int, str]:
-  """codepoint -> "train" / "test_classes" / "test_scripts": the default build's split for
+  """codepoint -> "train" / "val_classes" / "test_classes" / "test_scripts": the default build's split for
   matplotlib's characters (from matplotlib's fonts alone), a per-character rule for others."""
   base_valid = {cp: [f for f in base_ok if (cp, f) in images] for cp in cand.chars}
   role = _default_roles(cand.chars, base_valid, base_ok, options, rng)
@@ -229,6 +239,7 @@ def _split_pairs(role: dict[int, str], valid: dict[int, list[str]], source: list
                  and sum(f in source for f in valid[cp]) >= 3)
   scr_chars = [cp for cp in chars if role[cp] == "test_scripts"]
   cls_chars = {cp for cp in chars if role[cp] == "test_classes"}
+  val_chars = sorted(cp for cp in chars if role[cp] == "val_classes")
   train_chars = [cp for cp in chars if role[cp] == "train"]
 
   def src_fonts(cp: int) -> list[str]:
@@ -255,6 +266,10 @@ def _split_pairs(role: dict[int, str], valid: dict[int, list[str]], source: list
     for cp in split_chars:
       pairs[split] += [(cp, f) for f in src_fonts(cp)]
       pairs["test_both"] += [(cp, f) for f in held_fonts(cp)]
+  # Selection characters in the source fonts only: their held-out-font renderings are used
+  # nowhere, so no held-out font is looked at before testing.
+  for cp in val_chars:
+    pairs["val_classes"] += [(cp, f) for f in src_fonts(cp)]
   return pairs, train_chars, scr_chars
 
 
