@@ -179,6 +179,10 @@ def _transfer_section() -> ml_collections.ConfigDict:
       # (where naming fails) fall back to the support set.
       gate=True,
       val_split="val_classes", val_episodes=300,  # selection split and its episodes per setting
+      # With >= 2 shots per class the proto_weight of each task is chosen on its own support
+      # set (leave-one-out log-loss over proto_weights, `transfer.support_cv_weight`); val
+      # then chooses steps and lrs only. False: proto_weight from val for every setting.
+      support_cv=True,
       proto_weights=[1.0, 0.75, 0.5, 0.25, 0.0], steps=[0, 10, 30, 100],  # proto_zs_adapt
       lrs=[2.0, 8.0],
       alphas=[2.0, 1.0, 0.5, 0.25], betas=[1.0, 3.0, 5.5, 10.0]))  # tip_adapter

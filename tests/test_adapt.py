@@ -57,6 +57,29 @@ def test_towers_results_and_zero_step_adaptation_equals_zeroshot(gdir, pretraine
   assert os.path.exists(os.path.join(wd, "accuracy_vs_shots.png"))
 
 
+def test_transfer_selected_on_val_classes_by_log_loss(gdir, pretrained, tmp_path):
+  """The transfer methods' hyper-parameters come from val_classes (characters never trained
+  on), by val log-loss; with 5 shots the prototype / zero-shot mix is chosen per task on the
+  support set, so val chooses only steps and rate. A missing selection split is one line."""
+  extra = ["--config.fewshot.dg.enabled=False", "--config.fewshot.meta.enabled=False",
+           "--config.fewshot.transfer.val_episodes=20", "--config.fewshot.transfer.steps=[0, 5]",
+           "--config.fewshot.transfer.proto_weights=[1.0, 0.0]"]
+  res = adapt.run(_towers_cfg(gdir, pretrained, *extra), str(tmp_path / "t"))
+  sel = res["transfer_selection"]
+  one, five = sel["5way1shot"]["proto_zs_adapt"], sel["5way5shot"]["proto_zs_adapt"]
+  assert one["proto_weight"] in (1.0, 0.0) and one["steps"] in (0, 5)
+  assert five["proto_weight"].startswith("per task: support leave-one-out")
+  for chosen in (one, five, sel["5way1shot"]["tip_adapter"]):
+    assert np.isfinite(chosen["val_nll"]) and 0.0 <= chosen["val_acc"] <= 1.0
+  # Every cell the frozen-tower table has (test_fonts 5w5s is too small on this build).
+  assert "5way5shot" in res["methods"]["protonet"]["test_classes"]
+  for split, cells in res["methods"]["protonet"].items():
+    assert set(res["methods"]["proto_zs_adapt"][split]) == set(cells), split
+  with pytest.raises(episodes.AdaptError, match="transfer.val_split"):
+    adapt.run(_towers_cfg(gdir, pretrained, *extra, "--config.fewshot.transfer.val_split=nope"),
+              str(tmp_path / "n"))
+
+
 def test_missing_init_from_is_one_line_error(gdir, tmp_path):
   cfg = _towers_cfg(gdir, "/no/such/run")
   with pytest.raises(episodes.AdaptError, match="does not exist"):

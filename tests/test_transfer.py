@@ -92,6 +92,80 @@ def test_support_gate():
   np.testing.assert_allclose(tip, cache, rtol=1e-5, atol=1e-4)
 
 
+def _loo_nll_reference(fs, ys, text, n_way, scale, a):
+  """Leave-one-out log-loss of the mixed head, by removing each example in turn (numpy)."""
+  fs, text = fs.astype(np.float64), text.astype(np.float64)
+  text = text / np.linalg.norm(text, axis=-1, keepdims=True)
+  total = 0.0
+  for i in range(len(ys)):
+    keep = np.arange(len(ys)) != i
+    c = np.stack([fs[keep & (ys == j)].mean(0) for j in range(n_way)])
+    proto = 2 * c @ fs[i] - (c * c).sum(-1)
+    logits = scale * ((1 - a) * text @ fs[i] + a * proto)
+    logits -= logits.max()
+    total -= logits[ys[i]] - np.log(np.exp(logits).sum())
+  return total / len(ys)
+
+
+def test_support_cv_weight_is_the_leave_one_out_argmin():
+  weights = (1.0, 0.75, 0.5, 0.25, 0.0)
+  for seed in range(4):
+    fs, ys, _, _, text = _task(seed, k=3)
+    losses = [_loo_nll_reference(fs, ys, text, 5, 10.0, a) for a in weights]
+    got = float(transfer.support_cv_weight(fs, ys, text, 5, 10.0, weights))
+    assert got == weights[int(np.argmin(losses))], (seed, losses)
+
+
+def test_support_cv_weight_trusts_whichever_classifier_the_support_set_supports():
+  rng = np.random.default_rng(0)
+  norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  centres = norm(rng.normal(size=(5, 16)))
+  ys = np.repeat(np.arange(5), 3).astype(np.int32)
+  weights = (1.0, 0.5, 0.0)
+  # Tight shots, names pointing at the wrong classes: the prototypes.
+  tight = norm(centres[ys] + 0.05 * rng.normal(size=(15, 16))).astype(np.float32)
+  wrong = np.roll(centres, 1, axis=0).astype(np.float32)
+  assert float(transfer.support_cv_weight(tight, ys, wrong, 5, 20.0, weights)) == 1.0
+  # Shots scattered (a left-out shot is far from its class's other shots), names exact:
+  # the zero-shot classifier.
+  loose = norm(centres[ys] + 1.5 * rng.normal(size=(15, 16))).astype(np.float32)
+  exact = norm(np.stack([loose[ys == j].mean(0) for j in range(5)])).astype(np.float32)
+  assert float(transfer.support_cv_weight(loose, ys, exact, 5, 20.0, weights)) == 0.0
+
+
+def test_proto_zeroshot_adapt_with_one_cv_weight_is_that_weight():
+  fs, ys, fq, _, text = _task(7, k=2)
+  for w in (1.0, 0.3):
+    fixed = transfer.proto_zeroshot_adapt(fs, ys, fq, text, 5, 20.0, -1.0, w, 5, 0.5)
+    cv = transfer.proto_zeroshot_adapt(fs, ys, fq, text, 5, 20.0, -1.0, 0.9, 5, 0.5,
+                                       gate=True, cv_weights=(w,))
+    np.testing.assert_allclose(np.asarray(cv), np.asarray(fixed), rtol=1e-5, atol=1e-5)
+
+
+def test_selection_pools_train_classes_or_own_classes():
+  from fszjax.fewshot.episodes import SplitData
+  from fszjax.fewshot.towers import selection_pools
+
+  def split(names, labels, fonts):
+    n = len(labels)
+    return SplitData(np.arange(n, dtype=np.float32)[:, None], np.asarray(labels),
+                     np.zeros(n, np.int64), np.eye(len(names), dtype=np.float32), np.zeros((n, 1)),
+                     list(names), list(fonts))
+
+  train = split(["a", "b", "c"], [0, 1, 2, 0], ["f1", "f1", "f1", "f2"])
+  # val of train classes (Glyphs' val): queries relabelled into train's label space,
+  # supports and text from train.
+  val = split(["c", "a"], [0, 1], ["f3", "f3"])
+  p = selection_pools(train, val)
+  np.testing.assert_array_equal(p["query"][1], [2, 0])
+  assert p["support"][0] is train.feats and p["text"] is train.text
+  # val of its own classes (val_classes): everything from val itself.
+  own = split(["x", "y"], [0, 1, 1], ["f1", "f1", "f2"])
+  p = selection_pools(train, own)
+  assert p["support"][0] is own.feats and p["query"][0] is own.feats and p["text"] is own.text
+  np.testing.assert_array_equal(p["query"][2], ["f1", "f1", "f2"])
+
+
 def test_cross_font_episodes_support_in_other_fonts():
   sl = np.repeat(np.arange(6), 3)
   sd = np.tile(np.array(["a", "b", "c"]), 6)

@@ -147,9 +147,10 @@ def transfer_towers(config, train: SplitData, val: SplitData, data: dict[str, Sp
   "transfer_selection": {setting: chosen}}``."""
   fcfg, tcfg = config.fewshot, config.fewshot.transfer
   pools = selection_pools(train, val)
-  proto_grid = transfer.grid({"proto_weight": list(tcfg.proto_weights), "steps": list(tcfg.steps),
-                              "lr": list(tcfg.lrs)})
-  proto_grid = [c for c in proto_grid if c["steps"] > 0 or c["lr"] == tcfg.lrs[0]]
+  def proto_grid(weights):
+    g = transfer.grid({**weights, "steps": list(tcfg.steps), "lr": list(tcfg.lrs)})
+    return [c for c in g if c["steps"] > 0 or c["lr"] == tcfg.lrs[0]]
+
   tip_grid = transfer.grid({"alpha": list(tcfg.alphas), "beta": list(tcfg.betas)})
   chosen, methods = {}, {}
   gate = bool(tcfg.gate)
@@ -161,20 +162,30 @@ def transfer_towers(config, train: SplitData, val: SplitData, data: dict[str, Sp
                   "skipped", tcfg.val_split, setting)
       continue
 
+    # >= 2 shots: the prototype / zero-shot mix per task by leave-one-out on the support
+    # set (over proto_weights); val chooses the SGD steps and rate only.
+    cv = tuple(tcfg.proto_weights) if tcfg.support_cv and k_shot >= 2 else None
+
     def score(c, m, base):
-      out = transfer.make_feature_scores(n_way, scale, bias, **{**base, **c}, gate=gate)(*args)[m]
+      hp = {"proto_weight": 1.0, **base, **c}
+      out = transfer.make_feature_scores(n_way, scale, bias, **hp, gate=gate,
+                                         cv_weights=cv)(*args)[m]
       return {k: np.mean(np.asarray(v)) for k, v in out.items()}
 
     tip0 = {"alpha": float(tcfg.alphas[0]), "beta": float(tcfg.betas[0])}
-    pz = transfer.select_on_val(lambda c: score(c, "proto_zs_adapt", tip0), proto_grid,
-                                f"proto_zs_adapt {setting}")
+    pz = transfer.select_on_val(
+        lambda c: score(c, "proto_zs_adapt", tip0),
+        proto_grid({} if cv else {"proto_weight": list(tcfg.proto_weights)}),
+        f"proto_zs_adapt {setting}")
     tip = transfer.select_on_val(
         lambda c: score(c, "tip_adapter", {"proto_weight": 1.0, "steps": 0, "lr": 0.0}),
         tip_grid, f"tip_adapter {setting}")
-    chosen[setting] = {"proto_zs_adapt": pz, "tip_adapter": tip}
     fn = transfer.make_feature_eval(
-        n_way, scale, bias, float(pz["proto_weight"]), int(pz["steps"]), float(pz["lr"]),
-        float(tip["alpha"]), float(tip["beta"]), gate)
+        n_way, scale, bias, float(pz.get("proto_weight", 1.0)), int(pz["steps"]),
+        float(pz["lr"]), float(tip["alpha"]), float(tip["beta"]), gate, cv_weights=cv)
+    if cv:
+      pz["proto_weight"] = "per task: support leave-one-out over " + str(list(cv))
+    chosen[setting] = {"proto_zs_adapt": pz, "tip_adapter": tip}
     for split, d in data.items():
       sampler = samplers.get((split, setting, config.seed))
       if sampler is None:

@@ -6,6 +6,8 @@ All functions are pure functions of ONE task (``vmap`` them over episodes):
   the support prototypes (Proto-MAML's head ``w = 2c, b = -|c|^2`` mixed with the text
   classifier ``scale * text``). Weight 1 gives ProtoNets' decision rule exactly, weight 0
   the zero-shot classifier; SGD on the support set then fine-tunes it (`proto_zeroshot_adapt`).
+- `support_cv_weight`: with >= 2 shots per class, the zero-shot / prototype mix of that
+  head chosen per task by leave-one-out log-loss on the support set.
 - `tip_adapter_logits`: training-free (Tip-Adapter, Zhang et al. 2022): the zero-shot
   logits plus ``alpha * exp(-beta (1 - cos(query, support))) @ onehot(support labels)``.
 - `lp_ft`: LP-FT (Kumar et al. 2022): a linear probe on frozen features, then fine-tuning
@@ -73,12 +75,46 @@ def gated_proto_weight(fs, ys, text, n_way: int, proto_weight: float) -> jax.Arr
   return 1.0 - (1.0 - proto_weight) * support_gate(fs, ys, text, n_way)
 
 
+def support_cv_weight(fs, ys, text, n_way: int, scale: float, weights: Sequence[float]
+                      ) -> jax.Array:
+  """The proto_weight of `proto_zeroshot_head`, chosen per task among `weights` by the
+  leave-one-out log-loss on the support set (needs >= 2 shots per class).
+
+  Each support example is classified by the mixed head built without it: its own class's
+  prototype is the mean of that class's other shots, the other prototypes and the zero-shot
+  classifier are as they are. Unlike `support_gate`, this weighs the zero-shot classifier
+  against the prototypes on the task itself: on a new font whose shots differ in style the
+  prototypes classify the left-out shot badly and the names win; on new characters in
+  known styles the prototypes win. Ties go to the earlier weight."""
+  oh = jax.nn.one_hot(ys, n_way, dtype=fs.dtype)  # (S, N)
+  counts = jnp.sum(oh, axis=0)  # (N,)
+  c = (oh.T @ fs) / jnp.maximum(counts, 1.0)[:, None]  # (N, D)
+  k = counts[ys][:, None]  # shots of each support example's class
+  c_own = (k * c[ys] - fs) / jnp.maximum(k - 1.0, 1.0)  # own prototype without the example
+  proto = 2.0 * fs @ c.T - jnp.sum(jnp.square(c), axis=-1)[None]  # (S, N)
+  own = 2.0 * jnp.sum(fs * c_own, axis=-1) - jnp.sum(jnp.square(c_own), axis=-1)
+  proto = jnp.where(oh > 0, own[:, None], proto)
+  zs = fs @ inner_lib.l2_normalize(text).T  # the bias is the same for every class
+
+  def loo_nll(a):
+    logits = scale * ((1.0 - a) * zs + a * proto)
+    return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits, axis=-1) * oh, axis=-1))
+
+  w = jnp.asarray(weights, fs.dtype)
+  return w[jnp.argmin(jax.vmap(loo_nll)(w))]
+
+
 def proto_zeroshot_adapt(fs, ys, fq, text, n_way: int, scale: float, bias: float,
                          proto_weight: float, steps: int, lr: float,
-                         gate: bool = False) -> jax.Array:
+                         gate: bool = False, cv_weights: Sequence[float] | None = None
+                         ) -> jax.Array:
   """Query logits of `proto_zeroshot_head` after `steps` SGD steps on the support set.
-  gate: use `gated_proto_weight` (per task, from the support set) instead of proto_weight."""
-  if gate:
+  gate: use `gated_proto_weight` (per task, from the support set) instead of proto_weight.
+  cv_weights: choose the weight per task by `support_cv_weight` among these instead (the
+  gate and proto_weight are then unused; needs >= 2 shots per class)."""
+  if cv_weights:
+    proto_weight = support_cv_weight(fs, ys, text, n_way, scale, cv_weights)
+  elif gate:
     proto_weight = gated_proto_weight(fs, ys, text, n_way, proto_weight)
   head0 = proto_zeroshot_head(fs, ys, text, n_way, scale, bias, proto_weight)
   head, _ = inner_lib.inner_loop(
@@ -107,23 +143,30 @@ FEATURE_METHODS = ("proto_zs_adapt", "tip_adapter")
 
 
 def make_feature_eval(n_way: int, scale: float, bias: float, proto_weight: float, steps: int,
-                      lr: float, alpha: float, beta: float, gate: bool = True) -> Callable:
+                      lr: float, alpha: float, beta: float, gate: bool = True,
+                      cv_weights: Sequence[float] | None = None) -> Callable:
   """jitted ``f(fs, ys, fq, yq, text, ps, pq) -> {method: acc (T,)}`` over T tasks (the
   signature of `fszjax.fewshot.episodes.make_episode_eval`) for `FEATURE_METHODS`. Only
-  n_way, steps and gate are compiled in: a grid over the other values reuses one program."""
-  fn = _feature_eval(int(n_way), int(steps), bool(gate))
+  n_way, steps, gate and cv_weights (`proto_zeroshot_adapt`) are compiled in: a grid over
+  the other values reuses one program."""
+  fn = _feature_eval(int(n_way), int(steps), bool(gate), _weights(cv_weights))
   hp = _hparams(scale, bias, proto_weight, lr, alpha, beta)
   return lambda fs, ys, fq, yq, text, ps, pq: {
       m: v["acc"] for m, v in fn(fs, ys, fq, yq, text, hp).items()}
 
 
 def make_feature_scores(n_way: int, scale: float, bias: float, proto_weight: float, steps: int,
-                        lr: float, alpha: float, beta: float, gate: bool = True) -> Callable:
+                        lr: float, alpha: float, beta: float, gate: bool = True,
+                        cv_weights: Sequence[float] | None = None) -> Callable:
   """jitted ``f(fs, ys, fq, yq, text) -> {method: {"acc": (T,), "nll": (T,)}}``: per task the
   query accuracy and mean query log-loss of `FEATURE_METHODS` (what `select_on_val` scores)."""
-  fn = _feature_eval(int(n_way), int(steps), bool(gate))
+  fn = _feature_eval(int(n_way), int(steps), bool(gate), _weights(cv_weights))
   hp = _hparams(scale, bias, proto_weight, lr, alpha, beta)
   return lambda fs, ys, fq, yq, text: fn(fs, ys, fq, yq, text, hp)
+
+
+def _weights(cv_weights) -> tuple | None:
+  return tuple(float(w) for w in cv_weights) if cv_weights else None
 
 
 def _hparams(scale, bias, proto_weight, lr, alpha, beta) -> dict:
@@ -138,10 +181,10 @@ def query_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def _feature_eval(n_way: int, steps: int, gate: bool) -> Callable:
+def _feature_eval(n_way: int, steps: int, gate: bool, cv_weights: tuple | None) -> Callable:
   def one(fs, ys, fq, yq, text, hp):
     pz = proto_zeroshot_adapt(fs, ys, fq, text, n_way, hp["scale"], hp["bias"],
-                              hp["proto_weight"], steps, hp["lr"], gate)
+                              hp["proto_weight"], steps, hp["lr"], gate, cv_weights)
     tip = tip_adapter_logits(fs, ys, fq, text, n_way, hp["scale"], hp["bias"], hp["alpha"],
                              hp["beta"], gate)
     return {m: {"acc": inner_lib.accuracy(lg, yq), "nll": query_nll(lg, yq)}
