@@ -185,7 +185,24 @@ def _transfer_section() -> ml_collections.ConfigDict:
       support_cv=True,
       proto_weights=[1.0, 0.75, 0.5, 0.25, 0.0], steps=[0, 10, 30, 100],  # proto_zs_adapt
       lrs=[2.0, 8.0],
-      alphas=[2.0, 1.0, 0.5, 0.25], betas=[1.0, 3.0, 5.5, 10.0]))  # tip_adapter
+      alphas=[2.0, 1.0, 0.5, 0.25], betas=[1.0, 3.0, 5.5, 10.0],  # tip_adapter
+      finetune=_finetune_section()))
+
+
+def _finetune_section() -> ml_collections.ConfigDict:
+  """``fewshot.transfer.finetune``: per-episode fine-tuning of the image tower."""
+  # Opt-in (fszjax/fewshot/tower_tuning.py): tower_finetune (the zero-shot + prototype head
+  # at proto_weight, then SGD of the head and the last k blocks or the whole tower on each
+  # support set: first-order Proto-MAML over the towers) and lp_ft (LP-FT: a linear probe of
+  # lp_steps x lp_lr, then the same fine-tuning). Off by default: on the Glyphs towers both
+  # lose to the frozen-feature methods (BUILD_NOTES.md, "Transfer: third round") and each
+  # episode runs the tower forward and backward. adapts x steps x lrs chosen per setting on
+  # val_episodes cross-font episodes of transfer.val_split by the lowest log-loss; evaluated
+  # on the first `episodes` episodes of the other methods, task_chunk tasks at a time.
+  return ml_collections.ConfigDict(dict(
+      enabled=False, methods=["tower_finetune", "lp_ft"], adapts=["1", "all"], steps=[5, 10],
+      lrs=[0.01, 0.05], proto_weight=1.0, lp_steps=100, lp_lr=1.0, episodes=100,
+      val_episodes=50, task_chunk=10))
 
 
 def _dg_section() -> ml_collections.ConfigDict:

@@ -80,6 +80,41 @@ def test_transfer_selected_on_val_classes_by_log_loss(gdir, pretrained, tmp_path
               str(tmp_path / "n"))
 
 
+def test_per_episode_tower_finetuning_in_the_job(gdir, pretrained, tmp_path):
+  """fewshot.transfer.finetune: with 0 fine-tuning steps from the ProtoNets head,
+  tower_finetune on the images is ProtoNets on the same episodes; with steps it runs LP-FT
+  and tower fine-tuning, chosen on val_classes by log-loss; bad entries are one line."""
+  base = ["--config.fewshot.dg.enabled=False", "--config.fewshot.meta.enabled=False",
+          "--config.fewshot.transfer.val_episodes=10", "--config.fewshot.transfer.steps=[0]",
+          "--config.fewshot.transfer.finetune.enabled=True",
+          "--config.fewshot.transfer.finetune.episodes=40",
+          "--config.fewshot.transfer.finetune.val_episodes=4",
+          "--config.fewshot.transfer.finetune.task_chunk=8"]
+  res = adapt.run(_towers_cfg(gdir, pretrained, *base,
+                              "--config.fewshot.transfer.finetune.methods=['tower_finetune']",
+                              "--config.fewshot.transfer.finetune.steps=[0]",
+                              "--config.fewshot.transfer.finetune.adapts=['all']"),
+                  str(tmp_path / "f0"))
+  for split, cells in res["methods"]["protonet"].items():
+    for setting, summary in cells.items():
+      got = res["methods"]["tower_finetune"][split][setting]
+      assert got["episodes"] == summary["episodes"] == 40
+      assert got["mean"] == pytest.approx(summary["mean"], abs=1e-6), (split, setting)
+  res = adapt.run(_towers_cfg(gdir, pretrained, *base,
+                              "--config.fewshot.transfer.finetune.steps=[2]",
+                              "--config.fewshot.transfer.finetune.lp_steps=3",
+                              "--config.fewshot.transfer.finetune.episodes=6",
+                              "--config.fewshot.transfer.finetune.adapts=['1', 'all']"),
+                  str(tmp_path / "f2"))
+  for m in ("tower_finetune", "lp_ft"):
+    chosen = res["finetune_selection"]["5way1shot"][m]
+    assert chosen["adapt"] in (1, "all") and np.isfinite(chosen["val_nll"])
+    assert res["methods"][m]["test_classes"]["5way1shot"]["episodes"] == 6
+  with pytest.raises(episodes.AdaptError, match="finetune.adapts"):
+    adapt.run(_towers_cfg(gdir, pretrained, *base,
+                          "--config.fewshot.transfer.finetune.adapts=['last']"), str(tmp_path / "b"))
+
+
 def test_missing_init_from_is_one_line_error(gdir, tmp_path):
   cfg = _towers_cfg(gdir, "/no/such/run")
   with pytest.raises(episodes.AdaptError, match="does not exist"):

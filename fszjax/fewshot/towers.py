@@ -27,6 +27,7 @@ from fszjax.fewshot.episodes import (AdaptError, SplitData, episodes_on_features
 from fszjax.fewshot.eval_data import (eval_data_config, eval_splits, image_feats, load_towers,
                                       split_data)
 from fszjax.fewshot.meta_loop import meta_train, tasks_of
+from fszjax.fewshot.tower_tuning import check_config as tuning_check_config, run_tuning
 from fszjax.models.two_tower import TwoTower, build_image_tower
 
 log = logging.getLogger("fszjax")
@@ -47,11 +48,14 @@ def run_towers(config, workdir) -> dict:
   templates = list(sources.prompt_templates(data_cfg))
   meta_on = bool(fcfg.meta.enabled)
   stroke_probability(fcfg.meta.stroke, "config.fewshot.meta.stroke")  # checked before any work
+  if fcfg.transfer.enabled and fcfg.transfer.finetune.enabled:
+    tuning_check_config(fcfg.transfer.finetune)
   data = {}
   for split in splits:
     try:
       data[split] = split_data(encoder, data_cfg, split, templates,
-                                fcfg.max_examples or None, keep_images=meta_on)
+                                fcfg.max_examples or None,
+                                keep_images=meta_on or bool(fcfg.transfer.finetune.enabled))
     except data_errors.DataError as e:
       raise AdaptError(f"{e} (evaluation data of `fszjax adapt`: choose it with "
                        "--config.data.name=..., --config.data.data_dir=... and "
@@ -67,13 +71,14 @@ def run_towers(config, workdir) -> dict:
     log.info("domain generalisation skipped: none of config.fewshot.dg.splits=%s is evaluated",
              list(fcfg.dg.splits))
   transfer_on = bool(fcfg.transfer.enabled)
+  tuning_on = transfer_on and bool(fcfg.transfer.finetune.enabled)
   if dg_on or meta_on or transfer_on:  # loaded once for all
     train = split_data(encoder, data_cfg, data_cfg.train_split, templates,
-                        fcfg.max_train_examples or None, keep_images=meta_on)
+                        fcfg.max_train_examples or None, keep_images=meta_on or tuning_on)
   if transfer_on:  # the selection split, loaded once (re-encoded for a meta-trained tower)
     try:
       val = split_data(encoder, data_cfg, fcfg.transfer.val_split, templates, None,
-                       keep_images=meta_on)
+                       keep_images=meta_on or tuning_on)
     except data_errors.DataError as e:
       raise AdaptError(f"{e} (the split that selects the transfer methods' hyper-parameters: "
                        "set --config.fewshot.transfer.val_split to a validation split of the "
@@ -83,6 +88,13 @@ def run_towers(config, workdir) -> dict:
     tr = transfer_towers(config, train, val, data, scale, bias, samplers)
     results["methods"].update(tr.pop("methods"))
     results.update(tr)
+  if tuning_on:
+    with metrics_lib.timed("per-episode fine-tuning of the image tower (tower_finetune, lp_ft)",
+                           log):
+      tuned = run_tuning(config, tower_features_fn(build_image_tower(pre.model), "anil", scale),
+                         params["img"], selection_pools(train, val), data, scale, bias, samplers)
+    results["methods"].update(tuned.pop("methods"))
+    results.update(tuned)
   if meta_on:
     with metrics_lib.timed(f"meta-training ({fcfg.meta.algorithm}) of the image tower and its "
                            "evaluation", log):
@@ -123,9 +135,9 @@ def selection_pools(train: SplitData, val: SplitData) -> dict:
   vy = np.asarray([name_to_train.get(val.class_names[int(l)], -1) for l in val.labels])
   if len(vy) and np.all(vy >= 0):
     return {"support": (train.feats, train.labels, _domain_keys(train)), "text": train.text,
-            "query": (val.feats, vy, _domain_keys(val))}
+            "query": (val.feats, vy, _domain_keys(val)), "images": (train.images, val.images)}
   own = (val.feats, np.asarray(val.labels), _domain_keys(val))
-  return {"support": own, "text": val.text, "query": own}
+  return {"support": own, "text": val.text, "query": own, "images": (val.images, val.images)}
 
 
 def _selection_args(pools: dict, n_way: int, k_shot: int, episodes: int, seed: int):
@@ -147,6 +159,7 @@ def transfer_towers(config, train: SplitData, val: SplitData, data: dict[str, Sp
   "transfer_selection": {setting: chosen}}``."""
   fcfg, tcfg = config.fewshot, config.fewshot.transfer
   pools = selection_pools(train, val)
+
   def proto_grid(weights):
     g = transfer.grid({**weights, "steps": list(tcfg.steps), "lr": list(tcfg.lrs)})
     return [c for c in g if c["steps"] > 0 or c["lr"] == tcfg.lrs[0]]
