@@ -126,7 +126,10 @@ def _meta_section() -> ml_collections.ConfigDict:
   # with; it beat ANIL from the zero-shot head on every split (BUILD_NOTES.md, "Transfer:
   # second round").
   m.algorithm = "protonet"
-  m.adapt = "head"  # what the inner loop adapts: head | all (towers: head only)
+  # What the inner loop adapts: head | all | k (the last k blocks + head). Towers (ANIL / MAML /
+  # FOMAML): head = evaluated on re-encoded features; k or all = the inner loop run on each
+  # evaluation episode's images (transfer.finetune.episodes episodes).
+  m.adapt = "head"
   # The "NwayKshot" tasks meta-trained on. A Glyphs class has one image per font, so the
   # support and query images of a task are always in different fonts.
   m.train_setting = "20way1shot"

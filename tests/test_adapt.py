@@ -115,6 +115,32 @@ def test_per_episode_tower_finetuning_in_the_job(gdir, pretrained, tmp_path):
                           "--config.fewshot.transfer.finetune.adapts=['last']"), str(tmp_path / "b"))
 
 
+def test_towers_fomaml_over_the_last_block(gdir, pretrained, tmp_path):
+  """MAML-style meta-training whose inner loop adapts the last block + the zero-shot head:
+  evaluated by that inner loop on each episode's images. 0 meta-steps and 0 inner steps is
+  the zero-shot classifier, episode for episode; with steps it meta-trains and evaluates."""
+  base = ["--config.fewshot.dg.enabled=False", "--config.fewshot.transfer.enabled=False",
+          "--config.fewshot.settings=['5way1shot']", "--config.fewshot.meta.algorithm=fomaml",
+          "--config.fewshot.meta.adapt=1", "--config.fewshot.meta.train_setting=5way1shot",
+          "--config.fewshot.meta.q_query=1", "--config.fewshot.meta.meta_batch=2",
+          "--config.fewshot.transfer.finetune.episodes=40",
+          "--config.fewshot.transfer.finetune.task_chunk=20"]
+  r0 = adapt.run(_towers_cfg(gdir, pretrained, *base, "--config.fewshot.meta.steps=0",
+                             "--config.fewshot.head_steps=0"), str(tmp_path / "m0"))
+  for split, cells in r0["methods"]["zeroshot"].items():
+    got = r0["methods"]["fomaml"][split]["5way1shot"]
+    assert got["episodes"] == 40
+    assert got["mean"] == pytest.approx(cells["5way1shot"]["mean"], abs=1e-6), split
+  r2 = adapt.run(_towers_cfg(gdir, pretrained, *base, "--config.fewshot.meta.steps=2",
+                             "--config.fewshot.head_steps=2",
+                             "--config.fewshot.transfer.finetune.episodes=6"), str(tmp_path / "m2"))
+  assert r2["meta_training"]["steps"] == 2
+  assert r2["methods"]["fomaml"]["test_classes"]["5way1shot"]["episodes"] == 6
+  with pytest.raises(episodes.AdaptError, match="meta.adapt"):
+    adapt.run(_towers_cfg(gdir, pretrained, *base, "--config.fewshot.meta.adapt=last"),
+              str(tmp_path / "bad"))
+
+
 def test_missing_init_from_is_one_line_error(gdir, tmp_path):
   cfg = _towers_cfg(gdir, "/no/such/run")
   with pytest.raises(episodes.AdaptError, match="does not exist"):

@@ -153,3 +153,28 @@ def run_tuning(config, features_fn: Callable, backbone, pools: dict,
         methods.setdefault(method, {}).setdefault(split, {})[setting] = summarize(
             np.concatenate(accs))
   return {"methods": methods, "finetune_selection": chosen}
+
+
+def evaluate_inner_loop(config, features_fn: Callable, backbone, data: dict[str, SplitData],
+                        scale: float, bias: float, samplers: dict, *, steps: int, lr: float,
+                        adapt: Any) -> dict:
+  """``{split: {setting: summary}}`` of a fixed inner loop on each episode's images: `steps`
+  SGD steps of `lr` from the zero-shot head, adapting the head and `adapt` (the last k
+  blocks or 'all'), i.e. the inner loop that MAML / FOMAML meta-trained the tower for. On the
+  first ``transfer.finetune.episodes`` episodes of the other methods' samplers."""
+  fcfg, ft = config.fewshot, config.fewshot.transfer.finetune
+  hp = {k: np.float32(v) for k, v in dict(scale=scale, bias=bias, lr=lr, proto_weight=0.0,
+                                           lp_lr=0.0).items()}
+  out: dict = {}
+  for setting in fcfg.settings:
+    n_way, _ = parse_setting(setting)
+    f = _tuning_fn("tower_finetune", features_fn, n_way, int(steps), adapt, 0)
+    for split, d in data.items():
+      sampler = samplers.get((split, setting, config.seed))
+      if sampler is None:
+        continue
+      accs = [_run_chunked(lambda b, t: f(b, t, hp), backbone, tasks, max(1, int(ft.task_chunk)))
+              ["acc"] for tasks in _test_tasks(sampler, int(ft.episodes), int(fcfg.episode_batch), d)]
+      out.setdefault(split, {})[setting] = summarize(np.concatenate(accs))
+  return out
+

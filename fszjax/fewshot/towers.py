@@ -27,7 +27,8 @@ from fszjax.fewshot.episodes import (AdaptError, SplitData, episodes_on_features
 from fszjax.fewshot.eval_data import (eval_data_config, eval_splits, image_feats, load_towers,
                                       split_data)
 from fszjax.fewshot.meta_loop import meta_train, tasks_of
-from fszjax.fewshot.tower_tuning import check_config as tuning_check_config, run_tuning
+from fszjax.fewshot.tower_tuning import (check_config as tuning_check_config,
+                                         evaluate_inner_loop, parse_adapt, run_tuning)
 from fszjax.models.two_tower import TwoTower, build_image_tower
 
 log = logging.getLogger("fszjax")
@@ -50,6 +51,8 @@ def run_towers(config, workdir) -> dict:
   stroke_probability(fcfg.meta.stroke, "config.fewshot.meta.stroke")  # checked before any work
   if fcfg.transfer.enabled and fcfg.transfer.finetune.enabled:
     tuning_check_config(fcfg.transfer.finetune)
+  if meta_on:
+    towers_meta_cfg(fcfg, 1.0, 0.0)  # algorithm and adapt, before any work
   data = {}
   for split in splits:
     try:
@@ -229,15 +232,24 @@ def towers_meta_cfg(fcfg, scale: float, bias: float) -> meta_lib.MetaConfig:
   if m.algorithm == "protonet":
     return meta_lib.MetaConfig(algorithm="protonet", n_way=n_way, inner_steps=0,
                                task_chunk=int(m.task_chunk))
-  if m.adapt != "head":
-    raise AdaptError(f"config.fewshot.meta.adapt={m.adapt!r}: for the towers the inner loop adapts "
-                     "the zero-shot head ('head'); evaluation re-encodes each split once with "
-                     "the meta-trained tower")
   return meta_lib.MetaConfig(
       algorithm=m.algorithm, n_way=n_way, inner_steps=int(fcfg.head_steps),
-      inner_lr=float(fcfg.head_lr), adapt="head", first_order=bool(m.first_order),
+      inner_lr=float(fcfg.head_lr), adapt=tower_adapt(m.adapt), first_order=bool(m.first_order),
       remat=bool(m.remat), head_init="zeroshot", logit_scale=scale,
       logit_bias=bias, task_chunk=int(m.task_chunk))
+
+
+def tower_adapt(value):
+  """``fewshot.meta.adapt`` for the towers: 'head' (ANIL-style: the zero-shot head only,
+  evaluated on re-encoded features), or the last k blocks ('1', '2', ...) or the whole tower
+  ('all') with the head: evaluated by running that same inner loop on each episode's images."""
+  if value == "head":
+    return "head"
+  try:
+    return parse_adapt(value)
+  except AdaptError:
+    raise AdaptError(f"config.fewshot.meta.adapt={value!r} for the towers: use 'head', a number "
+                     "of last blocks (e.g. '1') or 'all'") from None
 
 
 def tower_features_fn(tower, algorithm: str, scale: float):
@@ -271,7 +283,8 @@ def meta_towers(config, workdir, model_cfg, model, params, encoder, train: Split
   """Meta-trains the image tower on train-split tasks (a class has one image per font, so
   the support and query images of a task are always in different fonts), then re-encodes
   every evaluation split and reports, for ANIL & co., ``{alg}`` (zero-shot head adapted on
-  the meta-trained tower) and ``{alg}_zeroshot``; for ProtoNets ``protonet_meta`` and
+  the meta-trained tower; with ``meta.adapt`` = k blocks or 'all', that inner loop run on each
+  episode's images, on ``transfer.finetune.episodes`` episodes) and ``{alg}_zeroshot``; for ProtoNets ``protonet_meta`` and
   ``protonet_meta_zeroshot``. Returns ``(results, encoder of the meta-trained towers, the
   re-encoded splits)``."""
   fcfg, m = config.fewshot, config.fewshot.meta
@@ -293,9 +306,17 @@ def meta_towers(config, workdir, model_cfg, model, params, encoder, train: Split
   meta_data = {sp: reencoded(enc, d) for sp, d in data.items()}
   names = _META_METHODS.get(m.algorithm, {"zs_head_adapt": m.algorithm,
                                           "zeroshot": f"{m.algorithm}_zeroshot"})
+  per_episode = mcfg.algorithm != "protonet" and mcfg.adapt != "head"
+  if per_episode:  # the inner loop adapts tower blocks: re-encoded features cannot show it
+    names = {"zeroshot": f"{m.algorithm}_zeroshot"}
   table = few_shot_table(meta_data, fcfg, scale, bias, config.seed, methods=tuple(names),
                          samplers=samplers)
-  out = {"methods": {names[k]: v for k, v in table.items()},
+  methods = {names[k]: v for k, v in table.items()}
+  if per_episode:
+    methods[m.algorithm] = evaluate_inner_loop(
+        config, features_fn, meta_params["backbone"], data, scale, bias, samplers,
+        steps=int(fcfg.head_steps), lr=float(fcfg.head_lr), adapt=mcfg.adapt)
+  out = {"methods": methods,
          "meta_training": {"steps": int(m.steps), "algorithm": m.algorithm,
                            "train_setting": m.train_setting, "meta_batch": int(m.meta_batch),
                            "wall_time_s": train_s},
