@@ -85,6 +85,34 @@ def test_methods_agree_where_they_must(task):
   np.testing.assert_allclose(proto.logits(qx), 1.0 - d2, atol=1e-4)
 
 
+def test_proto_zs_is_protonets_or_the_names_at_its_ends_and_the_adapt_jobs_head(task):
+  import jax.numpy as jnp
+
+  from fszjax.fewshot import transfer
+
+  model, sx, sy, qx, _, names = task
+  zs = model.few_shot(None, None, class_names=names, method="zeroshot")
+  proto = model.few_shot(sx, sy, method="protonet")
+  # proto_weight 1, 0 steps: ProtoNets' decision rule (its logits times the logit scale).
+  p1 = model.few_shot(sx, sy, class_names=names, method="proto_zs", proto_weight=1.0, steps=0)
+  np.testing.assert_array_equal(p1.predict(qx), proto.predict(qx))
+  np.testing.assert_allclose(p1.logits(qx), model.logit_scale * proto.logits(qx),
+                             rtol=1e-4, atol=1e-3)
+  # proto_weight 0, 0 steps: the zero-shot classifier.
+  p0 = model.few_shot(sx, sy, class_names=names, method="proto_zs", proto_weight=0.0, steps=0)
+  np.testing.assert_allclose(p0.logits(qx), zs.logits(qx), rtol=1e-4, atol=1e-4)
+  # Default (3 shots): the leave-one-out mix + 100 SGD steps of `fszjax adapt`'s function.
+  got = model.few_shot(sx, sy, class_names=names, method="proto_zs")
+  fs = jnp.asarray(model.encode_image(sx))
+  text = jnp.asarray(model.zero_shot_classifier(names))
+  want = transfer.proto_zeroshot_adapt(
+      fs, jnp.asarray(sy), jnp.asarray(model.encode_image(qx)), text, len(names),
+      model.logit_scale, model.logit_bias or 0.0, 0.5, 100, 8.0, True, api.PROTO_ZS_WEIGHTS)
+  np.testing.assert_allclose(got.logits(qx), np.asarray(want), rtol=1e-4, atol=1e-3)
+  with pytest.raises(api.FewShotError, match="proto_weight"):
+    model.few_shot(sx, sy, class_names=names, method="proto_zs", proto_weight=2.0)
+
+
 def test_finetune_changes_only_the_last_block_and_is_cached(task):
   from fszjax.tree import flatten
 

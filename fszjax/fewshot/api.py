@@ -18,6 +18,11 @@ built from the same functions of `fszjax.fewshot.inner` / `meta` / `dg`):
                  fine-tuned together by ``steps`` SGD steps on the support images
   wise_ft        WiSE-FT: ``(1 - alpha) * zero-shot + alpha * adapted`` weights, the
                  adapted ones from zs_head_adapt (``blocks=0``) or finetune (``blocks>0``)
+  proto_zs       the zero-shot + prototype head (`fszjax.fewshot.transfer`), then ``steps``
+                 SGD steps of ``lr``: with >= 2 images per class the names / prototypes mix
+                 is chosen on the support set by leave-one-out, with 1 image it is
+                 ``proto_weight`` (default 0.5) scaled down where the names fail on the
+                 support set; ``proto_weight=1, steps=0`` is ProtoNets
 
 Fitting and prediction are jit-compiled (cached per task shape and settings on the model).
 """
@@ -36,12 +41,17 @@ from fszjax.errors import UserError
 from fszjax.fewshot import dg as dg_lib
 from fszjax.fewshot import inner as inner_lib
 from fszjax.fewshot import meta as meta_lib
+from fszjax.fewshot import transfer
 from fszjax.models.two_tower import build_image_tower
 
-METHODS = ("zeroshot", "protonet", "zs_head_adapt", "finetune", "wise_ft")
-NEEDS_NAMES = ("zeroshot", "zs_head_adapt", "finetune", "wise_ft")
-DEFAULTS = {  # steps, lr (zs_head_adapt's are `fszjax adapt`'s head_steps / head_lr)
-    "zs_head_adapt": (10, 0.5), "finetune": (20, 0.05), "wise_ft": (10, 0.5)}
+METHODS = ("zeroshot", "protonet", "zs_head_adapt", "finetune", "wise_ft", "proto_zs")
+NEEDS_NAMES = ("zeroshot", "zs_head_adapt", "finetune", "wise_ft", "proto_zs")
+# steps, lr. zs_head_adapt's are `fszjax adapt`'s head_steps / head_lr; proto_zs's are
+# what val_classes chose for the Glyphs towers at every setting (BUILD_NOTES.md, "Transfer:
+# fourth round").
+DEFAULTS = {"zs_head_adapt": (10, 0.5), "finetune": (20, 0.05), "wise_ft": (10, 0.5),
+            "proto_zs": (100, 8.0)}
+PROTO_ZS_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)  # the leave-one-out candidates (>= 2 shots)
 
 
 class FewShotError(UserError):
@@ -199,7 +209,8 @@ def _support(method, support_images, support_labels, class_names):
 def few_shot(model, support_images, support_labels, *, class_names: Sequence[str] | None = None,
              method: str = "zs_head_adapt", steps: int | None = None, lr: float | None = None,
              alpha: float = 0.5, blocks: int | None = None,
-             templates: Sequence[str] | None = None) -> FewShotClassifier:
+             templates: Sequence[str] | None = None,
+             proto_weight: float | None = None) -> FewShotClassifier:
   """Adapts `model` (a `fszjax.inference.Model`) to the support set.
 
   Args:
@@ -213,6 +224,8 @@ def few_shot(model, support_images, support_labels, *, class_names: Sequence[str
     blocks: image-tower blocks fine-tuned (finetune: default 1; wise_ft: default 0, the
       head only).
     templates: prompt templates for the class names (default: the model config's).
+    proto_weight: proto_zs's share of the prototypes (1 = ProtoNets, 0 = the names), fixed
+      for every class; None = chosen on the support set (see the module doc).
   """
   ys, labels, names = _support(method, support_images, support_labels, class_names)
   n_way = len(labels)
@@ -239,6 +252,9 @@ def few_shot(model, support_images, support_labels, *, class_names: Sequence[str
   if method == "protonet":
     # ProtoNets' classifier as a linear head: -|f - c|^2 up to a per-row constant.
     return make(inner_lib.prototype_head(jnp.asarray(model.encode_image(support_images)), ys, n_way))
+  if method == "proto_zs":
+    return make(_proto_zs_head(model, support_images, ys, text, n_way, steps, lr,
+                               proto_weight, scale, bias))
   if method == "zs_head_adapt" or (method == "wise_ft" and blocks == 0):
     cfg = meta_lib.MetaConfig(algorithm="anil", n_way=n_way, inner_steps=steps, inner_lr=lr,
                               adapt="head", head_init="zeroshot", logit_scale=scale,
@@ -283,3 +299,23 @@ def _finetune_blocks(model, method, support_images, ys, text, head0, n_way, step
   if method == "wise_ft":
     adapted = dg_lib.wise_ft({"backbone": backbone0, "head": head0}, adapted, alpha)
   return adapted["head"], adapted["backbone"]
+
+
+def _proto_zs_head(model, support_images, ys, text, n_way, steps, lr, proto_weight, scale,
+                   bias):
+  """The head of method 'proto_zs' (`transfer.proto_zeroshot_fit` on the support features)."""
+  if proto_weight is not None and not 0.0 <= float(proto_weight) <= 1.0:
+    raise FewShotError(f"proto_weight={proto_weight} must be in [0, 1] (or None: chosen on the "
+                       "support set)")
+  shots = int(np.min(np.bincount(np.asarray(ys), minlength=n_way)))
+  if shots < 1:
+    raise FewShotError("method='proto_zs' needs at least one image of every class")
+  cv = PROTO_ZS_WEIGHTS if proto_weight is None and shots >= 2 else None
+  gate = proto_weight is None
+  weight = 0.5 if proto_weight is None else float(proto_weight)
+  fit = _cached(model, ("proto_zs", n_way, steps, gate, cv), lambda: jax.jit(
+      lambda fs, y, t, w, step: transfer.proto_zeroshot_fit(
+          fs, y, t, n_way, scale, bias, w, steps, step, gate, cv)))
+  fs = jnp.asarray(model.encode_image(support_images))
+  return fit(fs, ys, text, jnp.float32(weight), jnp.float32(lr))
+

@@ -112,6 +112,15 @@ def proto_zeroshot_adapt(fs, ys, fq, text, n_way: int, scale: float, bias: float
   gate: use `gated_proto_weight` (per task, from the support set) instead of proto_weight.
   cv_weights: choose the weight per task by `support_cv_weight` among these instead (the
   gate and proto_weight are then unused; needs >= 2 shots per class)."""
+  head = proto_zeroshot_fit(fs, ys, text, n_way, scale, bias, proto_weight, steps, lr, gate,
+                            cv_weights)
+  return inner_lib.linear_head(head, fq)
+
+
+def proto_zeroshot_fit(fs, ys, text, n_way: int, scale: float, bias: float,
+                       proto_weight: float, steps: int, lr: float, gate: bool = False,
+                       cv_weights: Sequence[float] | None = None) -> dict:
+  """The linear head `proto_zeroshot_adapt` classifies the queries with (same arguments)."""
   if cv_weights:
     proto_weight = support_cv_weight(fs, ys, text, n_way, scale, cv_weights)
   elif gate:
@@ -120,7 +129,7 @@ def proto_zeroshot_adapt(fs, ys, fq, text, n_way: int, scale: float, bias: float
   head, _ = inner_lib.inner_loop(
       lambda h: inner_lib.cross_entropy(inner_lib.linear_head(h, fs), ys), head0,
       steps=steps, lr=lr, first_order=True)
-  return inner_lib.linear_head(head, fq)
+  return head
 
 
 def tip_adapter_logits(fs, ys, fq, text, n_way: int, scale: float, bias: float,
