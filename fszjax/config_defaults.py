@@ -198,7 +198,8 @@ def _finetune_section() -> ml_collections.ConfigDict:
   # at proto_weight, then SGD of the head and the last k blocks or the whole tower on each
   # support set: first-order Proto-MAML over the towers) and lp_ft (LP-FT: a linear probe of
   # lp_steps x lp_lr, then the same fine-tuning). Off by default: on the Glyphs towers both
-  # lose to the frozen-feature methods (BUILD_NOTES.md, "Transfer: third round") and each
+  # lose to the frozen-feature methods (BUILD_NOTES.md, "Transfer: third round" and "fourth
+  # round": whole-tower fine-tuning collapses on held-out fonts) and each
   # episode runs the tower forward and backward. adapts x steps x lrs chosen per setting on
   # val_episodes cross-font episodes of transfer.val_split by the lowest log-loss; evaluated
   # on the first `episodes` episodes of the other methods, task_chunk tasks at a time.
