@@ -68,7 +68,7 @@ def test_transfer_selected_on_val_classes_by_log_loss(gdir, pretrained, tmp_path
   sel = res["transfer_selection"]
   one, five = sel["5way1shot"]["proto_zs_adapt"], sel["5way5shot"]["proto_zs_adapt"]
   assert one["proto_weight"] in (1.0, 0.0) and one["steps"] in (0, 5)
-  assert five["proto_weight"].startswith("per task: support leave-one-out")
+  assert "proto_weight" not in five and five["support_cv_weights"] == [1.0, 0.0]
   for chosen in (one, five, sel["5way1shot"]["tip_adapter"]):
     assert np.isfinite(chosen["val_nll"]) and 0.0 <= chosen["val_acc"] <= 1.0
   # Every cell the frozen-tower table has (test_fonts 5w5s is too small on this build).
@@ -340,12 +340,24 @@ def test_chunked_evaluation_equals_one_vmap(chunk, devices):
   tasks = {"a": rng.normal(size=(10, 3)).astype(np.float32),
            "b": rng.normal(size=(10, 3, 2)).astype(np.float32)}
   fn = lambda t: {"s": jnp.sum(t["a"]) * jnp.sum(t["b"]), "v": t["b"].sum(0)}
-  out = scratch.chunked(fn, chunk, devices)(tasks)
+  out = episodes.chunked(lambda t, _: fn(t), chunk, devices)(tasks)
   for i in range(10):
     ref = fn({k: v[i] for k, v in tasks.items()})
     np.testing.assert_allclose(out["s"][i], ref["s"], rtol=1e-6)
     np.testing.assert_allclose(out["v"][i], ref["v"], rtol=1e-6)
   assert out["s"].shape == (10,)
+  # `shared`: unbatched, the same for every task, an argument (not a constant) of the program.
+  traces = []
+
+  def scaled(t, w):
+    traces.append(1)  # runs once per trace, i.e. per compiled program
+    return jnp.sum(t["a"]) * w["w"]
+
+  run = episodes.chunked(scaled, chunk, devices)
+  for w in (2.0, -3.0):
+    got = run(tasks, {"w": np.float32(w)})
+    np.testing.assert_allclose(got, tasks["a"].sum(1) * w, rtol=1e-6)
+  assert len(traces) == 1  # the second value reused the first program
 
 
 def test_outer_optimizer_schedules():

@@ -12,15 +12,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from fszjax.data import arrays as arrays_lib
 from fszjax.data.episodes import EpisodeSampler
 from fszjax.fewshot import conv4
 from fszjax.fewshot import inner as inner_lib
 from fszjax.fewshot import meta as meta_lib
-from fszjax.fewshot.episodes import (AdaptError, make_sampler, parse_setting, pixel_vectors,
-                                     proto_logits, run_episodes, summarize)
+from fszjax.fewshot.episodes import (AdaptError, chunked, make_sampler, parse_setting,
+                                     pixel_vectors, proto_logits, run_episodes, summarize)
 from fszjax.fewshot.meta_loop import local_devices, meta_train, tasks_of
 
 log = logging.getLogger("fszjax")
@@ -65,41 +64,6 @@ def rotation_classes(images: np.ndarray, labels: np.ndarray,
   return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)
 
 
-def chunked(fn: Callable, chunk: int, devices: int = 1) -> Callable:
-  """``fn`` over a leading task axis, jitted: one vmap (chunk 0), or a `lax.map` over groups
-  of `chunk` vmapped tasks (faster on CPU: a group's activations stay in cache). With
-  ``devices > 1`` the task axis is split over that many local devices (`jax.shard_map`),
-  each running its share the same way. Pads the task axis as needed and drops the padding
-  from the result. `fn` may close over arrays (replicated)."""
-
-  def local(tasks):
-    if chunk <= 0:
-      return jax.vmap(fn)(tasks)
-    t = jax.tree.leaves(tasks)[0].shape[0]
-    pad = -t % chunk
-    padded = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, 0)]), tasks)
-    grouped = jax.tree.map(lambda a: a.reshape((-1, chunk) + a.shape[1:]), padded)
-    out = jax.lax.map(jax.vmap(fn), grouped)
-    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:])[:t], out)
-
-  if devices <= 1:
-    return jax.jit(local)
-  mesh = jax.make_mesh((devices,), ("tasks",), devices=jax.local_devices()[:devices],
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("tasks"), out_specs=P("tasks"),
-                                  check_vma=False))
-
-  def run(tasks):
-    t = jax.tree.leaves(tasks)[0].shape[0]
-    pad = -t % devices
-    if pad:
-      tasks = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], pad, 0)]), tasks)
-    out = sharded(tasks)
-    return jax.tree.map(lambda a: a[:t], out)
-
-  return run
-
-
 def _meta_train_conv4(config, workdir):
   """Meta-trains Conv-4 on the train split: ``(meta_params, features_fn, mcfg)``."""
   fcfg, m = config.fewshot, config.fewshot.meta
@@ -132,8 +96,8 @@ def _conv4_evaluators(config, meta_params, features_fn, mcfg) -> Callable:
     if n_way not in evaluators:
       ecfg = dataclasses.replace(mcfg, n_way=n_way).for_eval()
       frozen = jax.lax.stop_gradient(meta_params)
-      ev = chunked(lambda t: meta_lib.task_loss(frozen, t, features_fn=features_fn,
-                                                cfg=ecfg)[1]["acc"],
+      ev = chunked(lambda t, _: meta_lib.task_loss(frozen, t, features_fn=features_fn,
+                                                   cfg=ecfg)[1]["acc"],
                    int(fcfg.eval_chunk), local_devices(m))
       proto = jax.jit(jax.vmap(
           lambda ps, ys, pq, yq: inner_lib.accuracy(proto_logits(ps, ys, pq, n_way), yq)))

@@ -14,6 +14,7 @@ frozen-feature methods; never on test splits.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any, Callable
@@ -22,8 +23,11 @@ import jax
 import numpy as np
 
 from fszjax.fewshot import inner as inner_lib
+from fszjax.fewshot import meta as meta_lib
 from fszjax.fewshot import transfer
-from fszjax.fewshot.episodes import AdaptError, SplitData, parse_setting, summarize
+from fszjax.fewshot.episodes import (AdaptError, SplitData, chunked, parse_setting,
+                                     run_episodes, summarize)
+from fszjax.fewshot.meta_loop import local_devices
 
 log = logging.getLogger("fszjax")
 
@@ -55,10 +59,12 @@ def check_config(ft) -> list:
 
 @functools.lru_cache(maxsize=None)
 def _tuning_fn(method: str, features_fn: Callable, n_way: int, steps: int, adapt: Any,
-               lp_steps: int) -> Callable:
-  """jitted ``f(backbone, task, hp) -> {"acc": (T,), "nll": (T,)}`` over T tasks."""
+               lp_steps: int, chunk: int, devices: int) -> Callable:
+  """``run(tasks, {"backbone", "hp"}) -> {"acc": (T,), "nll": (T,)}`` (`episodes.chunked`):
+  one compiled program per static setting, whatever the rates and the backbone."""
 
-  def one(backbone, task, hp):
+  def one(task, shared):
+    backbone, hp = shared["backbone"], shared["hp"]
     if method == "tower_finetune":
       logits = transfer.tower_finetune(
           features_fn, backbone, task, n_way=n_way, scale=hp["scale"], bias=hp["bias"],
@@ -68,41 +74,33 @@ def _tuning_fn(method: str, features_fn: Callable, n_way: int, steps: int, adapt
                               lp_steps=lp_steps, lp_lr=hp["lp_lr"], ft_steps=steps,
                               ft_lr=hp["lr"], adapt=adapt)
     yq = task["query_y"]
-    return {"acc": inner_lib.accuracy(logits, yq), "nll": transfer.query_nll(logits, yq)}
+    return {"acc": inner_lib.accuracy(logits, yq), "nll": inner_lib.cross_entropy(logits, yq)}
 
-  return jax.jit(jax.vmap(one, in_axes=(None, 0, None)))
-
-
-def _run_chunked(fn: Callable, backbone, tasks: dict, chunk: int) -> dict:
-  """`fn` over the tasks `chunk` at a time (the tower's activations of a whole evaluation
-  batch of episodes would not fit)."""
-  n = len(tasks["support_y"])
-  out: dict[str, list] = {}
-  for a in range(0, n, chunk):
-    part = {k: v[a:a + chunk] for k, v in tasks.items()}
-    for k, v in fn(backbone, part).items():
-      out.setdefault(k, []).append(np.asarray(v))
-  return {k: np.concatenate(v) for k, v in out.items()}
+  return chunked(one, chunk, devices)
 
 
-def _image_tasks(images: np.ndarray, text: np.ndarray, support, support_y, query, query_y,
-                 classes) -> dict:
-  return {"support_x": images[support], "support_y": np.asarray(support_y),
-          "query_x": images[query], "query_y": np.asarray(query_y),
-          "text_emb": text[classes]}
+def _image_tasks(d: SplitData, ep: dict) -> dict:
+  """A batch of episodes drawn over `d`'s indices, as image tasks with class text."""
+  return {"support_x": d.images[ep["support_x"]], "support_y": ep["support_y"],
+          "query_x": d.images[ep["query_x"]], "query_y": ep["query_y"],
+          "text_emb": d.text[ep["classes"]]}
 
 
-def _test_tasks(sampler, n_episodes: int, batch: int, d: SplitData):
-  """The first `n_episodes` episodes of `sampler` as drawn by
-  `fszjax.fewshot.episodes.run_episodes` with the same `batch`, as image tasks."""
-  done, index = 0, 0
-  while done < n_episodes:
-    t = min(batch, n_episodes - done)
-    ep = sampler.sample(index, t)
-    index += 1
-    done += t
-    yield _image_tasks(d.images, d.text, ep["support_x"], ep["support_y"], ep["query_x"],
-                       ep["query_y"], ep["classes"])
+def _evaluate(config, run: Callable, shared, data: dict[str, SplitData], setting: str,
+              samplers: dict) -> dict:
+  """``{split: summary}``: ``run(tasks, shared)["acc"]`` on the first
+  ``transfer.finetune.episodes`` episodes of each split's sampler for `setting` (the same
+  episodes, in the same batches, as the frozen-feature methods' first ones)."""
+  fcfg = config.fewshot
+  out = {}
+  for split, d in data.items():
+    sampler = samplers.get((split, setting, config.seed))
+    if sampler is None:
+      continue
+    accs = run_episodes(sampler, int(fcfg.transfer.finetune.episodes), int(fcfg.episode_batch),
+                        lambda ep, d=d: {"acc": run(_image_tasks(d, ep), shared)["acc"]})
+    out[split] = summarize(accs["acc"])
+  return out
 
 
 def run_tuning(config, features_fn: Callable, backbone, pools: dict,
@@ -113,7 +111,7 @@ def run_tuning(config, features_fn: Callable, backbone, pools: dict,
   fcfg, tcfg = config.fewshot, config.fewshot.transfer
   ft = tcfg.finetune
   adapts = check_config(ft)
-  chunk = max(1, int(ft.task_chunk))
+  chunk, devices = max(1, int(ft.task_chunk)), local_devices(fcfg.meta)
   (_, sl, sd), (_, ql, qd) = pools["support"], pools["query"]
   sup_images, q_images = pools["images"]
   methods: dict = {}
@@ -129,52 +127,40 @@ def run_tuning(config, features_fn: Callable, backbone, pools: dict,
                  "query_x": q_images[eps["query"]], "query_y": eps["query_y"],
                  "text_emb": pools["text"][eps["classes"]]}
     for method in ft.methods:
-      def fn_of(c, method=method, n_way=n_way):
-        f = _tuning_fn(method, features_fn, n_way, int(c["steps"]), c["adapt"], int(ft.lp_steps))
+      def program(c, method=method, n_way=n_way):
+        run = _tuning_fn(method, features_fn, n_way, int(c["steps"]), c["adapt"],
+                         int(ft.lp_steps), chunk, devices)
         hp = {k: np.float32(v) for k, v in dict(scale=scale, bias=bias, lr=c["lr"],
                                                  proto_weight=ft.proto_weight,
                                                  lp_lr=ft.lp_lr).items()}
-        return lambda b, task: f(b, task, hp)
+        return run, {"backbone": backbone, "hp": hp}
 
-      def score(c, fn_of=fn_of, val_tasks=val_tasks):
-        out = _run_chunked(fn_of(c), backbone, val_tasks, chunk)
-        return {k: float(np.mean(v)) for k, v in out.items()}
+      def score(c, program=program, val_tasks=val_tasks):
+        run, shared = program(c)
+        return {k: float(np.mean(v)) for k, v in run(val_tasks, shared).items()}
 
       cands = transfer.grid({"adapt": adapts, "steps": list(ft.steps), "lr": list(ft.lrs)})
       best = transfer.select_on_val(score, cands, f"{method} {setting}")
       chosen.setdefault(setting, {})[method] = best
-      fn = fn_of(best)
-      for split, d in data.items():
-        sampler = samplers.get((split, setting, config.seed))
-        if sampler is None:
-          continue
-        accs = [_run_chunked(fn, backbone, tasks, chunk)["acc"] for tasks in
-                _test_tasks(sampler, int(ft.episodes), int(fcfg.episode_batch), d)]
-        methods.setdefault(method, {}).setdefault(split, {})[setting] = summarize(
-            np.concatenate(accs))
+      for split, summary in _evaluate(config, *program(best), data, setting, samplers).items():
+        methods.setdefault(method, {}).setdefault(split, {})[setting] = summary
   return {"methods": methods, "finetune_selection": chosen}
 
 
-def evaluate_inner_loop(config, features_fn: Callable, backbone, data: dict[str, SplitData],
-                        scale: float, bias: float, samplers: dict, *, steps: int, lr: float,
-                        adapt: Any) -> dict:
-  """``{split: {setting: summary}}`` of a fixed inner loop on each episode's images: `steps`
-  SGD steps of `lr` from the zero-shot head, adapting the head and `adapt` (the last k
-  blocks or 'all'), i.e. the inner loop that MAML / FOMAML meta-trained the tower for. On the
-  first ``transfer.finetune.episodes`` episodes of the other methods' samplers."""
-  fcfg, ft = config.fewshot, config.fewshot.transfer.finetune
-  hp = {k: np.float32(v) for k, v in dict(scale=scale, bias=bias, lr=lr, proto_weight=0.0,
-                                           lp_lr=0.0).items()}
+def evaluate_inner_loop(config, features_fn: Callable, meta_params, mcfg: meta_lib.MetaConfig,
+                        data: dict[str, SplitData], samplers: dict) -> dict:
+  """``{split: {setting: summary}}`` of the meta-learner's own inner loop
+  (`meta.task_loss` with ``mcfg.for_eval()``, as Conv-4 is evaluated) on each episode's
+  images: for MAML / FOMAML whose inner loop adapts tower blocks, which re-encoded features
+  cannot show. On the first ``transfer.finetune.episodes`` episodes of the other methods."""
+  fcfg = config.fewshot
+  chunk, devices = max(1, int(fcfg.transfer.finetune.task_chunk)), local_devices(fcfg.meta)
   out: dict = {}
   for setting in fcfg.settings:
     n_way, _ = parse_setting(setting)
-    f = _tuning_fn("tower_finetune", features_fn, n_way, int(steps), adapt, 0)
-    for split, d in data.items():
-      sampler = samplers.get((split, setting, config.seed))
-      if sampler is None:
-        continue
-      accs = [_run_chunked(lambda b, t: f(b, t, hp), backbone, tasks, max(1, int(ft.task_chunk)))
-              ["acc"] for tasks in _test_tasks(sampler, int(ft.episodes), int(fcfg.episode_batch), d)]
-      out.setdefault(split, {})[setting] = summarize(np.concatenate(accs))
+    ecfg = dataclasses.replace(mcfg, n_way=n_way).for_eval()
+    run = chunked(lambda t, mp, ecfg=ecfg: meta_lib.task_loss(
+        jax.lax.stop_gradient(mp), t, features_fn=features_fn, cfg=ecfg)[1], chunk, devices)
+    for split, summary in _evaluate(config, run, meta_params, data, setting, samplers).items():
+      out.setdefault(split, {})[setting] = summary
   return out
-

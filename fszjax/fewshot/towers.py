@@ -48,17 +48,15 @@ def run_towers(config, workdir) -> dict:
   bias = float(b) if b is not None else 0.0
   templates = list(sources.prompt_templates(data_cfg))
   meta_on = bool(fcfg.meta.enabled)
-  stroke_probability(fcfg.meta.stroke, "config.fewshot.meta.stroke")  # checked before any work
-  if fcfg.transfer.enabled and fcfg.transfer.finetune.enabled:
-    tuning_check_config(fcfg.transfer.finetune)
-  if meta_on:
-    towers_meta_cfg(fcfg, 1.0, 0.0)  # algorithm and adapt, before any work
+  transfer_on = bool(fcfg.transfer.enabled)
+  tuning_on = transfer_on and bool(fcfg.transfer.finetune.enabled)
+  keep_images = meta_on or tuning_on  # the methods that run the image tower per episode
+  _check_before_work(fcfg, meta_on, tuning_on)
   data = {}
   for split in splits:
     try:
       data[split] = split_data(encoder, data_cfg, split, templates,
-                                fcfg.max_examples or None,
-                                keep_images=meta_on or bool(fcfg.transfer.finetune.enabled))
+                                fcfg.max_examples or None, keep_images=keep_images)
     except data_errors.DataError as e:
       raise AdaptError(f"{e} (evaluation data of `fszjax adapt`: choose it with "
                        "--config.data.name=..., --config.data.data_dir=... and "
@@ -73,21 +71,11 @@ def run_towers(config, workdir) -> dict:
   if fcfg.dg.enabled and not dg_on:
     log.info("domain generalisation skipped: none of config.fewshot.dg.splits=%s is evaluated",
              list(fcfg.dg.splits))
-  transfer_on = bool(fcfg.transfer.enabled)
-  tuning_on = transfer_on and bool(fcfg.transfer.finetune.enabled)
   if dg_on or meta_on or transfer_on:  # loaded once for all
     train = split_data(encoder, data_cfg, data_cfg.train_split, templates,
-                        fcfg.max_train_examples or None, keep_images=meta_on or tuning_on)
+                        fcfg.max_train_examples or None, keep_images=keep_images)
   if transfer_on:  # the selection split, loaded once (re-encoded for a meta-trained tower)
-    try:
-      val = split_data(encoder, data_cfg, fcfg.transfer.val_split, templates, None,
-                       keep_images=meta_on or tuning_on)
-    except data_errors.DataError as e:
-      raise AdaptError(f"{e} (the split that selects the transfer methods' hyper-parameters: "
-                       "set --config.fewshot.transfer.val_split to a validation split of the "
-                       "evaluation data (Glyphs: val_classes, Glyphs >= 1.1.0; re-run "
-                       "`fszjax prepare glyphs`), or --config.fewshot.transfer.enabled=False)"
-                       ) from None
+    val = _selection_split(encoder, data_cfg, fcfg.transfer.val_split, templates, keep_images)
     tr = transfer_towers(config, train, val, data, scale, bias, samplers)
     results["methods"].update(tr.pop("methods"))
     results.update(tr)
@@ -116,6 +104,26 @@ def run_towers(config, workdir) -> dict:
     with metrics_lib.timed(f"domain generalisation (ERM, MLDG, WiSE-FT) on {list(evals)}", log):
       results["dg"] = run_dg(config, train, evals, scale, bias, fcfg)
   return results
+
+
+def _check_before_work(fcfg, meta_on: bool, tuning_on: bool) -> None:
+  """The settings that would otherwise fail only after the frozen-tower evaluation."""
+  stroke_probability(fcfg.meta.stroke, "config.fewshot.meta.stroke")
+  if tuning_on:
+    tuning_check_config(fcfg.transfer.finetune)
+  if meta_on:
+    towers_meta_cfg(fcfg, 1.0, 0.0)  # algorithm and adapt
+
+
+def _selection_split(encoder, data_cfg, split: str, templates, keep_images: bool) -> SplitData:
+  try:
+    return split_data(encoder, data_cfg, split, templates, None, keep_images=keep_images)
+  except data_errors.DataError as e:
+    raise AdaptError(f"{e} (the split that selects the transfer methods' hyper-parameters: "
+                     "set --config.fewshot.transfer.val_split to a validation split of the "
+                     "evaluation data (Glyphs: val_classes, Glyphs >= 1.1.0; re-run "
+                     "`fszjax prepare glyphs`), or --config.fewshot.transfer.enabled=False)"
+                     ) from None
 
 
 def _domain_keys(d: SplitData) -> np.ndarray:
@@ -184,8 +192,10 @@ def transfer_towers(config, train: SplitData, val: SplitData, data: dict[str, Sp
 
     def score(c, m, base):
       hp = {"proto_weight": 1.0, **base, **c}
+      # Tip-Adapter's candidates run proto_zs_adapt at 0 steps: no leave-one-out needed.
+      cv_m = cv if m == "proto_zs_adapt" else None
       out = transfer.make_feature_scores(n_way, scale, bias, **hp, gate=gate,
-                                         cv_weights=cv)(*args)[m]
+                                         cv_weights=cv_m)(*args)[m]
       return {k: np.mean(np.asarray(v)) for k, v in out.items()}
 
     tip0 = {"alpha": float(tcfg.alphas[0]), "beta": float(tcfg.betas[0])}
@@ -199,8 +209,8 @@ def transfer_towers(config, train: SplitData, val: SplitData, data: dict[str, Sp
     fn = transfer.make_feature_eval(
         n_way, scale, bias, float(pz.get("proto_weight", 1.0)), int(pz["steps"]),
         float(pz["lr"]), float(tip["alpha"]), float(tip["beta"]), gate, cv_weights=cv)
-    if cv:
-      pz["proto_weight"] = "per task: support leave-one-out over " + str(list(cv))
+    if cv:  # no proto_weight was chosen: each task picks one of these on its support set
+      pz["support_cv_weights"] = list(cv)
     chosen[setting] = {"proto_zs_adapt": pz, "tip_adapter": tip}
     for split, d in data.items():
       sampler = samplers.get((split, setting, config.seed))
@@ -271,7 +281,8 @@ def jittered(episode: dict, stroke: float, seed: int, step: int) -> dict:
   if not stroke:
     return episode
   rng = np.random.default_rng([int(seed), int(step), 0x5770CE])
-  return {**episode, **{k: stroke_jitter(episode[k], rng, stroke) for k in ("support_x", "query_x")}}
+  return {**episode,
+          **{k: stroke_jitter(episode[k], rng, stroke) for k in ("support_x", "query_x")}}
 
 
 # The methods each meta-learner is evaluated with on the re-encoded splits, and their names.
@@ -283,9 +294,9 @@ def meta_towers(config, workdir, model_cfg, model, params, encoder, train: Split
   """Meta-trains the image tower on train-split tasks (a class has one image per font, so
   the support and query images of a task are always in different fonts), then re-encodes
   every evaluation split and reports, for ANIL & co., ``{alg}`` (zero-shot head adapted on
-  the meta-trained tower; with ``meta.adapt`` = k blocks or 'all', that inner loop run on each
-  episode's images, on ``transfer.finetune.episodes`` episodes) and ``{alg}_zeroshot``; for ProtoNets ``protonet_meta`` and
-  ``protonet_meta_zeroshot``. Returns ``(results, encoder of the meta-trained towers, the
+  the meta-trained tower; with ``meta.adapt`` = k blocks or 'all', that inner loop run on
+  each episode's images, on ``transfer.finetune.episodes`` episodes) and ``{alg}_zeroshot``;
+  for ProtoNets ``protonet_meta`` and ``protonet_meta_zeroshot``. Returns ``(results, encoder of the meta-trained towers, the
   re-encoded splits)``."""
   fcfg, m = config.fewshot, config.fewshot.meta
   mcfg = towers_meta_cfg(fcfg, scale, bias)
@@ -313,9 +324,8 @@ def meta_towers(config, workdir, model_cfg, model, params, encoder, train: Split
                          samplers=samplers)
   methods = {names[k]: v for k, v in table.items()}
   if per_episode:
-    methods[m.algorithm] = evaluate_inner_loop(
-        config, features_fn, meta_params["backbone"], data, scale, bias, samplers,
-        steps=int(fcfg.head_steps), lr=float(fcfg.head_lr), adapt=mcfg.adapt)
+    methods[m.algorithm] = evaluate_inner_loop(config, features_fn, meta_params, mcfg, data,
+                                               samplers)
   out = {"methods": methods,
          "meta_training": {"steps": int(m.steps), "algorithm": m.algorithm,
                            "train_setting": m.train_setting, "meta_batch": int(m.meta_batch),

@@ -87,11 +87,10 @@ def support_cv_weight(fs, ys, text, n_way: int, scale: float, weights: Sequence[
   prototypes classify the left-out shot badly and the names win; on new characters in
   known styles the prototypes win. Ties go to the earlier weight."""
   oh = jax.nn.one_hot(ys, n_way, dtype=fs.dtype)  # (S, N)
-  counts = jnp.sum(oh, axis=0)  # (N,)
-  c = (oh.T @ fs) / jnp.maximum(counts, 1.0)[:, None]  # (N, D)
-  k = counts[ys][:, None]  # shots of each support example's class
+  c = inner_lib.prototypes(fs, ys, n_way)  # (N, D)
+  k = jnp.sum(oh, axis=0)[ys][:, None]  # shots of each support example's class
   c_own = (k * c[ys] - fs) / jnp.maximum(k - 1.0, 1.0)  # own prototype without the example
-  proto = 2.0 * fs @ c.T - jnp.sum(jnp.square(c), axis=-1)[None]  # (S, N)
+  proto = inner_lib.linear_head(proto_head(fs, ys, n_way), fs)  # (S, N): 2 f.c - |c|^2
   own = 2.0 * jnp.sum(fs * c_own, axis=-1) - jnp.sum(jnp.square(c_own), axis=-1)
   proto = jnp.where(oh > 0, own[:, None], proto)
   zs = fs @ inner_lib.l2_normalize(text).T  # the bias is the same for every class
@@ -183,12 +182,6 @@ def _hparams(scale, bias, proto_weight, lr, alpha, beta) -> dict:
                                             lr=lr, alpha=alpha, beta=beta).items()}
 
 
-def query_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean negative log-likelihood of the query labels under softmax(logits)."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1))
-
-
 @functools.lru_cache(maxsize=None)
 def _feature_eval(n_way: int, steps: int, gate: bool, cv_weights: tuple | None) -> Callable:
   def one(fs, ys, fq, yq, text, hp):
@@ -196,7 +189,7 @@ def _feature_eval(n_way: int, steps: int, gate: bool, cv_weights: tuple | None) 
                               hp["proto_weight"], steps, hp["lr"], gate, cv_weights)
     tip = tip_adapter_logits(fs, ys, fq, text, n_way, hp["scale"], hp["bias"], hp["alpha"],
                              hp["beta"], gate)
-    return {m: {"acc": inner_lib.accuracy(lg, yq), "nll": query_nll(lg, yq)}
+    return {m: {"acc": inner_lib.accuracy(lg, yq), "nll": inner_lib.cross_entropy(lg, yq)}
             for m, lg in (("proto_zs_adapt", pz), ("tip_adapter", tip))}
 
   return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, 0, None)))

@@ -27,14 +27,15 @@ Splits (characters are classes, fonts are domains):
   test_fonts    train characters in held-out fonts (domain shift)
   test_both     held-out characters in held-out fonts
 
-Stable character split: a character's split (train / val_classes / test_classes / test_scripts) depends
-on the character only, never on the fonts added. Characters that matplotlib's fonts cover
-keep the split the default build gives them (computed from matplotlib's fonts alone, with
-the default held-out fonts); characters only the added fonts cover go to test_scripts by
-script, else to test_classes or val_classes by a hash of their code point (when every word
-of their name is a train word), else to train. The default build is unchanged by this rule. Adding fonts
-or holding out other fonts therefore never turns a held-out character of an existing
-model into a training class: it adds examples (and new characters) only.
+Stable character split: a character's split (train / val_classes / test_classes /
+test_scripts) depends on the character only, never on the fonts added. Characters that
+matplotlib's fonts cover keep the split the default build gives them (computed from
+matplotlib's fonts alone, with the default held-out fonts); characters only the added fonts
+cover go to test_scripts by script, else to test_classes or val_classes by a hash of their
+code point (when every word of their name is a train word), else to train. The default
+build is unchanged by this rule. Adding fonts or holding out other fonts therefore never
+turns a held-out character of an existing model into a training class: it adds examples
+(and new characters) only.
 
 Held-out fonts (`held_out_fonts`): fnmatch patterns of font names (file stems, e.g.
 "STIX*"), of family names (from the font's name table, e.g. "Roboto Slab"), or

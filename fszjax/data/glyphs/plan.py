@@ -45,15 +45,13 @@ def _subsample_chars(chars: list[int], max_chars: int, seed: int) -> list[int]:
   return sorted(keep)
 
 
-def _pick_test_classes(background: list[int], fraction: float, rng: np.random.Generator,
-                       target: int | None = None) -> set[int]:
-  """Held-out characters whose every name word (and script) stays in the remaining train set.
+def _pick_test_classes(background: list[int], target: int, rng: np.random.Generator) -> set[int]:
+  """Up to `target` held-out characters whose every name word (and script) stays in the
+  remaining train set.
 
   Greedy over a seeded permutation: a character moves to the test set only if each of its
-  words (and its script) is still carried by at least one other train character. Picks
-  ``round(fraction * len(background))`` characters, or `target` when given.
+  words (and its script) is still carried by at least one other train character.
   """
-  target = int(round(fraction * len(background))) if target is None else int(target)
   words = {cp: set(char_text(cp).split()) for cp in background}
   word_count: dict[str, int] = {}
   script_count: dict[str, int] = {}
@@ -97,12 +95,13 @@ def _default_roles(chars: list[int], valid: dict[int, list[str]], fonts: list[st
            and sum(f in source for f in valid[cp]) >= 3]
   held_scripts = set(options.test_scripts)
   background = [cp for cp in chars if script_of(cp) not in held_scripts]
-  cls_chars = _pick_test_classes(background, options.test_class_fraction, rng)
+  cls_chars = _pick_test_classes(
+      background, int(round(options.test_class_fraction * len(background))), rng)
   # val_classes: picked after test_classes from the rest, under the same rule (every name
   # word and script still in train), so test_classes is the same with or without it.
   rest = [cp for cp in background if cp not in cls_chars]
-  val_chars = _pick_test_classes(rest, 0.0, rng, target=round(
-      options.val_class_fraction * len(background)))
+  val_chars = _pick_test_classes(
+      rest, int(round(options.val_class_fraction * len(background))), rng)
   roles = {cp: "test_scripts" for cp in chars if script_of(cp) in held_scripts}
   roles.update({cp: ("test_classes" if cp in cls_chars else
                      "val_classes" if cp in val_chars else "train") for cp in background})
@@ -220,8 +219,8 @@ def _drop_disagreeing(fonts: list[FontFile], base_names: list[str], added: list[
 
 def _character_roles(cand: _Candidates, base_ok: list[str], images, options: GlyphsOptions,
                      rng: np.random.Generator) -> dict[int, str]:
-  """codepoint -> "train" / "val_classes" / "test_classes" / "test_scripts": the default build's split for
-  matplotlib's characters (from matplotlib's fonts alone), a per-character rule for others."""
+  """codepoint -> "train" / "val_classes" / "test_classes" / "test_scripts": the default
+  build's split for matplotlib's characters (from matplotlib's fonts alone), a per-character rule for others."""
   base_valid = {cp: [f for f in base_ok if (cp, f) in images] for cp in cand.chars}
   role = _default_roles(cand.chars, base_valid, base_ok, options, rng)
   train_words = {w for cp, r in role.items() if r == "train" for w in char_text(cp).split()}
